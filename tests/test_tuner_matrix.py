@@ -1,0 +1,281 @@
+"""The tuner test matrix: every case of CASES (method x tiny model x options) x every generic check.
+
+What a method promises lives in METHOD_CAPABILITIES; the checks read capabilities, never method
+names. Adding a method = one capabilities entry + a few CASES rows (a row may override capabilities
+or tolerances). Models are tiny random ones from ``tunelab.models.testing`` (no downloads).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+import pytest
+import torch
+
+from tunelab import tuners
+from tunelab.errors import MethodError
+from tunelab.models import testing
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add synchronisation (10-50x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    init_is_base: bool = True  # output right after apply equals the base model's
+    keeps_base: bool = True  # disabled() and unload(merge=False) give the base model back
+    trains_all: bool = False  # every parameter trains (else exactly the new adapter parameters)
+    mergeable: bool = True  # merge()/unload(merge=True) keep the outputs
+    multi_adapter: bool = True  # several named adapters side by side
+    additive: bool = True  # two active adapters: each wrapper's delta is the sum of their deltas
+
+
+METHOD_CAPABILITIES = {
+    "full": Capabilities(keeps_base=False, trains_all=True, multi_adapter=False, additive=False),
+    "lora": Capabilities(),
+}
+
+
+@dataclass
+class Case:
+    method: str
+    model: str  # a key of testing.BUILDERS
+    kwargs: dict = field(default_factory=dict)
+    atol: float = 1e-6  # same computation, same weights: equal up to float noise
+    merge_atol: float = 1e-5  # merged weights change the order of float operations
+    overrides: dict = field(default_factory=dict)  # capability changes for this row
+    label: str = ""
+
+    @property
+    def caps(self) -> Capabilities:
+        return replace(METHOD_CAPABILITIES[self.method], **self.overrides)
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}-{self.model}" + (f"-{self.label}" if self.label else "")
+
+
+CASES = [
+    Case("full", "toy_mlp"),
+    Case("full", "tiny_llama"),
+    Case("full", "tiny_bert"),
+    Case("full", "tiny_gpt2"),
+    Case("lora", "toy_mlp", dict(r=4, lora_alpha=8, target_modules=["up", "down"])),
+    Case("lora", "tiny_llama", dict(r=4, lora_alpha=8), label="default-targets"),
+    Case("lora", "tiny_bert", dict(r=4, lora_alpha=8), label="default-targets"),
+    Case("lora", "tiny_gpt2", dict(r=4, lora_alpha=8), label="default-targets"),
+    Case("lora", "tiny_llama", dict(r=8, lora_alpha=4, use_rslora=True,
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), label="rslora"),
+    Case("lora", "toy_mlp", dict(r=2, lora_alpha=4, target_modules="all-linear"), label="all-linear"),
+    Case("lora", "tiny_gpt2", dict(r=2, lora_alpha=4, target_modules="all-linear"), label="all-linear"),
+    Case("lora", "tiny_llama", dict(r=4, lora_alpha=8, target_modules=r".*\.1\.mlp\.(gate|up|down)_proj"),
+         label="regex"),
+    Case("lora", "tiny_bert", dict(r=2, lora_alpha=4, target_modules="all-linear", modules_to_save=["classifier"]),
+         overrides={"additive": False}, label="modules-to-save"),  # the head copy replaces, it does not add
+]
+
+
+def _cases(**required):
+    return [pytest.param(case, id=case.id) for case in CASES
+            if all(getattr(case.caps, key) == value for key, value in required.items())]
+
+
+def build(case: Case, seed: int = 0) -> torch.nn.Module:
+    return testing.BUILDERS[case.model](seed=seed)
+
+
+@torch.no_grad()
+def outputs(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    model.eval()
+    return model(**batch).logits
+
+
+@torch.no_grad()
+def perturb(parameters, seed: int, scale: float = 0.2) -> None:
+    """Random non-zero adapter weights (at init many adapters are a no-op, which hides bugs)."""
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in parameters:
+        parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def applied(case: Case, seed: int = 1) -> tuple[torch.nn.Module, torch.Tensor, dict]:
+    """(tuned model with perturbed adapter, base outputs, batch)."""
+    model = build(case)
+    batch = testing.example_batch(model)
+    base_out = outputs(model, batch)
+    tuners.apply(model, case.method, **case.kwargs)
+    perturb([p for _, p in tuners.trainable_parameters(model)], seed)
+    return model, base_out, batch
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+
+
+def assert_differs(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Guard against vacuous checks: the change must be well above float noise (1% of the scale)."""
+    assert (a - b).abs().max() > 1e-2 * b.abs().max(), "the adapter had no visible effect"
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_only_adapter_parameters_train(case: Case) -> None:
+    model = build(case)
+    base_ids = {id(p) for p in model.parameters()}
+    tuners.apply(model, case.method, **case.kwargs)
+    for name, parameter in model.named_parameters():
+        expected = True if case.caps.trains_all else id(parameter) not in base_ids
+        assert parameter.requires_grad == expected, name
+    trainable = tuners.trainable_parameters(model)
+    assert trainable and [n for n, _ in trainable] == [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("case", _cases(init_is_base=True))
+def test_output_at_init_equals_base(case: Case) -> None:
+    model = build(case)
+    batch = testing.example_batch(model)
+    base_out = outputs(model, batch)
+    tuners.apply(model, case.method, **case.kwargs)
+    assert_close(outputs(model, batch), base_out, case.atol)
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_save_load_round_trip(case: Case, tmp_path) -> None:
+    model, base_out, batch = applied(case)
+    tuned_out = outputs(model, batch)
+    assert_differs(tuned_out, base_out)
+    tuners.save(model, tmp_path)
+    fresh = tuners.load(build(case), tmp_path)
+    assert_close(outputs(fresh, batch), tuned_out, case.atol)
+    assert {n: c.options() for n, c in tuners.adapters(fresh).items()} == \
+        {n: c.options() for n, c in tuners.adapters(model).items()}
+    assert [n for n, _ in tuners.trainable_parameters(fresh)] == [n for n, _ in tuners.trainable_parameters(model)]
+
+
+@pytest.mark.parametrize("case", _cases(mergeable=True))
+def test_merged_equals_unmerged(case: Case) -> None:
+    model, _, batch = applied(case)
+    tuned_out = outputs(model, batch)
+    tuners.merge(model)
+    assert_close(outputs(model, batch), tuned_out, case.merge_atol)
+    tuners.unmerge(model)
+    assert_close(outputs(model, batch), tuned_out, case.merge_atol)
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_unload(case: Case) -> None:
+    model, base_out, batch = applied(case)
+    tuned_out = outputs(model, batch)
+    base_keys = list(build(case).state_dict())
+    bare = tuners.unload(copy.deepcopy(model), merge=False)
+    assert list(bare.state_dict()) == base_keys and not tuners.adapters(bare)
+    assert_close(outputs(bare, batch), base_out if case.caps.keeps_base else tuned_out, case.atol)
+    if case.caps.mergeable:
+        was_merged = copy.deepcopy(model)
+        tuners.merge(was_merged)
+        bare = tuners.unload(was_merged, merge=False)  # unmerges first
+        assert_close(outputs(bare, batch), base_out if case.caps.keeps_base else tuned_out, case.merge_atol)
+        merged = tuners.unload(model, merge=True)
+        assert list(merged.state_dict()) == base_keys
+        assert not any(isinstance(m, tuners.BaseTunerLayer) for m in merged.modules())
+        assert_close(outputs(merged, batch), tuned_out, case.merge_atol)
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_disabled_gives_base(case: Case) -> None:
+    model, base_out, batch = applied(case)
+    tuned_out = outputs(model, batch)
+    if not case.caps.keeps_base:
+        with pytest.raises(MethodError, match="cannot be disabled"), tuners.disabled(model):
+            pass
+        return
+    assert_differs(tuned_out, base_out)
+    with tuners.disabled(model):
+        assert_close(outputs(model, batch), base_out, case.atol)
+    assert_close(outputs(model, batch), tuned_out, case.atol)
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_one_optimizer_step_lowers_the_loss(case: Case) -> None:
+    model = build(case)
+    batch = testing.example_batch(model)
+    tuners.apply(model, case.method, **case.kwargs)
+    model.train()
+    with torch.no_grad():
+        before = model(**batch).loss.item()
+    optimizer = torch.optim.AdamW([p for _, p in tuners.trainable_parameters(model)], lr=1e-2)
+    model(**batch).loss.backward()
+    frozen_grads = [p.grad for p in model.parameters() if not p.requires_grad]
+    assert all(grad is None for grad in frozen_grads)
+    optimizer.step()
+    with torch.no_grad():
+        after = model(**batch).loss.item()
+    assert after < before
+
+
+def _new_parameters(model: torch.nn.Module, known: set[int]) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if id(p) not in known]
+
+
+def _two_adapters(case: Case) -> tuple[torch.nn.Module, torch.Tensor, dict]:
+    model = build(case)
+    batch = testing.example_batch(model)
+    base_out = outputs(model, batch)
+    for seed, name in enumerate(["a", "b"], start=1):
+        known = {id(p) for p in model.parameters()}
+        tuners.apply(model, case.method, adapter_name=name, **case.kwargs)
+        perturb(_new_parameters(model, known), seed)
+    return model, base_out, batch
+
+
+@pytest.mark.parametrize("case", _cases(multi_adapter=True))
+def test_set_active_switches_adapters(case: Case, tmp_path) -> None:
+    model, base_out, batch = _two_adapters(case)
+    assert tuners.active_adapters(model) == ["b"]  # apply activates the adapter it adds
+    out = {}
+    for names in (["a"], ["b"], ["a", "b"]):
+        tuners.set_active(model, names)
+        out[tuple(names)] = outputs(model, batch)
+    assert_differs(out[("a",)], base_out)
+    assert_differs(out[("b",)], base_out)
+    assert_differs(out[("a",)], out[("b",)])
+    assert_differs(out[("a", "b")], out[("a",)])
+    tuners.set_active(model, [])
+    assert_close(outputs(model, batch), base_out, case.atol)
+    tuners.set_active(model, ["a", "b"])
+    tuners.save(model, tmp_path)
+    fresh = tuners.load(build(case), tmp_path)
+    assert tuners.active_adapters(fresh) == ["a", "b"]
+    for names, expected in out.items():
+        tuners.set_active(fresh, list(names))
+        assert_close(outputs(fresh, batch), expected, case.atol)
+
+
+@pytest.mark.parametrize("case", _cases(multi_adapter=True, additive=True))
+def test_two_active_adapters_add_their_deltas(case: Case) -> None:
+    model, _, batch = _two_adapters(case)
+    inputs = {}
+
+    def capture(module, args, kwargs):
+        inputs.setdefault(module, (args, kwargs))
+
+    layers = [layer for _, layer in tuners.tuner_layers(model)]
+    handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
+    outputs(model, batch)
+    for handle in handles:
+        handle.remove()
+    assert len(inputs) == len(layers) > 0
+    for layer, (args, kwargs) in inputs.items():
+        result = {}
+        for names in ((), ("a",), ("b",), ("a", "b")):
+            layer.set_active(names)
+            with torch.no_grad():
+                result[names] = layer(*args, **kwargs)
+        delta_a, delta_b = result[("a",)] - result[()], result[("b",)] - result[()]
+        assert_close(result[("a", "b")] - result[()], delta_a + delta_b, case.merge_atol)
