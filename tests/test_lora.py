@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -221,7 +222,7 @@ def test_adapter_name_rules() -> None:
         tuners.apply(model, "lora", adapter_name="a.b", target_modules=["up"])
     with pytest.raises(MethodError, match="unknown adapter 'nope'; the model has: default"):
         tuners.set_active(model, ["nope"])
-    with pytest.raises(MethodError, match="full fine-tuning cannot share"):
+    with pytest.raises(MethodError, match="'full' trains the base weights and cannot share"):
         tuners.apply(model, "full", adapter_name="everything")
 
 
@@ -239,6 +240,19 @@ def test_save_and_load_errors(tmp_path) -> None:
     with pytest.raises(MethodError, match="matched no module"):
         tuners.load(model, tmp_path / "llama")
     assert not tuners.adapters(model)
+
+
+def test_corrupt_and_unsupported_adapters_are_refused(tmp_path) -> None:
+    tuners.save(tuners.apply(testing.tiny_llama(), "lora", r=2), tmp_path / "own")
+    (tmp_path / "own" / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(MethodError, match="incomplete or corrupt"):
+        tuners.load(testing.tiny_llama(), tmp_path / "own")
+    tuners.save(tuners.apply(testing.tiny_llama(), "lora", r=2), tmp_path / "peft", format="peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for change, match in [({"use_dora": True}, "use_dora=True"), ({"peft_type": "IA3"}, "'IA3' .* not supported")]:
+        (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(MethodError, match=match):
+            tuners.load(testing.tiny_llama(), tmp_path / "peft")
 
 
 def test_a_mismatched_adapter_is_refused_and_rolled_back(tmp_path) -> None:

@@ -63,21 +63,29 @@ def _metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture
+def processes():
+    """Subprocesses started by a test; any still running at its end (a failure) are killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
-def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    go = tmp_path / "go"
+def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path, processes):
+    straight, killed, go = tmp_path / "straight", tmp_path / "killed", tmp_path / "go"
     uninterrupted = _worker(straight)  # runs alongside the one we kill
     victim = _worker(killed, "--pause-at", "12")
     resumer = _worker(killed, "--resume", "--wait-for", str(go))  # a new process; waits for the kill
+    processes += [uninterrupted, victim, resumer]
     deadline = time.monotonic() + 300
     while not (killed / "paused").exists():
         if victim.poll() is not None:
-            resumer.kill()
             pytest.fail(f"worker exited before pausing: {victim.communicate()[1][-2000:]}")
         if time.monotonic() > deadline:
-            victim.kill()
-            resumer.kill()
             pytest.fail("worker did not reach step 12")
         time.sleep(0.05)
     os.kill(victim.pid, signal.SIGKILL)

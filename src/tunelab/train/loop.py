@@ -371,7 +371,7 @@ class _Session:
                 "resuming with changed options %s: the run will not match an uninterrupted one", changed
             )
         logger.info("resuming from %s at step %d", checkpoint.path, checkpoint.step)
-        pass
+        ckpt.restore_rng_state(checkpoint.rng)
 
 
 # ----------------------------------------------------------------------------- train

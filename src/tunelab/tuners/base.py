@@ -19,6 +19,7 @@ What a wrapper layer provides (:class:`BaseTunerLayer`); the core asks only for 
 ``active_adapters``        names that run in ``forward``; set by ``set_active`` (a tuple store)
 ``disabled``               ``True`` -> ``forward`` is the base layer's forward
 ``merged_adapters``        names folded into the base weights
+``can_merge``              whether ``merge`` can fold this layer's adapters (class attribute)
 ``merge(names)``           fold adapters into the base weights (default: not mergeable)
 ``unmerge()``              undo every merge
 ``adapter_state(name)``    ``{local key: live tensor}`` for one adapter (save/load copy into these)
@@ -105,6 +106,15 @@ class BaseTunerLayer(nn.Module):
         self.disabled = False
         # Instance copy, so a variant (e.g. DoRA) can add containers to one layer with add_container.
         self.adapter_attribute_names = tuple(type(self).adapter_attribute_names)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for model code that reads ``module.weight`` (dtype, device, shape)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def add_container(self, attribute: str, container: nn.ModuleDict | nn.ParameterDict) -> None:
         """Register one more per-adapter container (for variants that need extra parameters)."""

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -72,15 +73,17 @@ def apply(model: nn.Module, method: str, *, adapter_name: str = "default", **opt
 def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> None:
     """Inject an adapter from a validated config without changing which adapters are active."""
     spec = registry.get(config.method)
+    config = config.model_copy(deep=True)  # inject may resolve defaults into it; never alias the caller's
     check_adapter_name(adapter_name)
     existing = adapters(model)
     if adapter_name in existing:
         raise MethodError(f"adapter {adapter_name!r} already exists; pass another adapter_name "
                           f"or call tuners.delete_adapter(model, {adapter_name!r}) first")
-    others = [registry.get(c.method) for c in existing.values()]
-    if existing and (not spec.keeps_base_weights or not all(s.keeps_base_weights for s in others)):
-        raise MethodError("full fine-tuning cannot share a model with other adapters; "
-                          "call tuners.unload(model) first or apply it to a fresh copy")
+    exclusive = [s.name for s in [spec, *(registry.get(c.method) for c in existing.values())]
+                 if not s.keeps_base_weights]
+    if existing and exclusive:
+        raise MethodError(f"{exclusive[0]!r} trains the base weights and cannot share a model with other "
+                          "adapters; call tuners.unload(model) first or apply it to a fresh copy")
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     if not existing:
         model.requires_grad_(False)  # the first adapter freezes the base model
@@ -296,8 +299,13 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = N
 
 
 def _read_own(path: Path, adapter_name: str | None) -> tuple[list[tuple[str, MethodConfig, dict]], list[str]]:
-    record = json.loads((path / OWN_CONFIG).read_text(encoding="utf-8"))
-    saved = record.get("adapters", {})
+    try:
+        record = json.loads((path / OWN_CONFIG).read_text(encoding="utf-8"))
+        saved = record["adapters"]
+        tensors = load_file(str(path / OWN_WEIGHTS))
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        raise MethodError(f"adapter in {path} is incomplete or corrupt ({type(error).__name__}: {error}); "
+                          "save it again with tuners.save") from None
     if adapter_name is None:
         chosen = {name: name for name in saved}
     elif adapter_name in saved:
@@ -306,7 +314,6 @@ def _read_own(path: Path, adapter_name: str | None) -> tuple[list[tuple[str, Met
         chosen = {next(iter(saved)): adapter_name}
     else:
         raise MethodError(f"{path} holds adapters {', '.join(saved)}; pass one of them as adapter_name")
-    tensors = load_file(str(path / OWN_WEIGHTS))
     entries = []
     for saved_name, new_name in chosen.items():
         entry = saved[saved_name]

@@ -50,7 +50,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -80,9 +80,9 @@ class LoraConfig(MethodConfig):
     """True: B = 0 so the adapter starts as a no-op; False: B random too (tests)."""
     modules_to_save: list[str] | None = None
     """Modules (e.g. a new 'classifier' head) trained in full as a per-adapter copy and saved with it."""
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    rank_pattern: dict[str, PositiveInt] = Field(default_factory=dict)
     """Per-module rank, keyed by a name or regex matched at the end of the module path (PEFT's rule)."""
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    alpha_pattern: dict[str, PositiveFloat] = Field(default_factory=dict)
     """Per-module lora_alpha, matched like rank_pattern."""
 
 

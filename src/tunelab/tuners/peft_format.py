@@ -16,7 +16,9 @@ need no translation. Layout with several adapters follows PEFT: "default" at the
 ``<path>/<name>/`` (a single adapter always goes at the top).
 
 Per method: an exporter (config -> PEFT json) in :data:`EXPORTERS` and an importer (json -> config)
-in :data:`IMPORTERS`, keyed by tunelab method / PEFT ``peft_type``.
+in :data:`IMPORTERS`, keyed by tunelab method / PEFT ``peft_type``. A LoRA variant that PEFT stores as
+``peft_type: LORA`` with a flag (DoRA: ``use_dora``) adds its exporter and makes ``lora_from_peft``
+return its config when the flag is set.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def excluded_heads(model: nn.Module) -> set[str]:
         output = get_output()
         if output is not None:
             heads.append(output)
-    0 and heads.extend(getattr(model, name) for name in CLASSIFIER_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module))
+    heads.extend(getattr(model, name) for name in CLASSIFIER_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module))
     return {path for path, module in candidate_modules(model) if any(module is head for head in heads)}
 
 
