@@ -11,9 +11,27 @@ import pytest
 
 from tunelab.cli import main
 
+CAPTURE = None  # the current test's capsys, set by the autouse fixture
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+@pytest.fixture(autouse=True)
+def _capsys(capsys):
+    global CAPTURE
+    CAPTURE = capsys
+    yield
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Call the CLI in this process (fast); ``main`` is exactly what the console script runs."""
+    CAPTURE.readouterr()
+    code = main(list(args))
+    out, err = CAPTURE.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def run_cli_process(*args: str) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True)
 
 
 def assert_one_line_error(completed: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -43,8 +61,8 @@ def test_methods_lists_full_and_lora(capsys):
     assert "full" in out and "lora" in out
 
 
-def test_missing_config(tmp_path):
-    assert_one_line_error(run_cli("run", str(tmp_path / "missing.yaml")), "config file not found")
+def test_missing_config_in_a_real_process(tmp_path):
+    assert_one_line_error(run_cli_process("run", str(tmp_path / "missing.yaml")), "config file not found")
 
 
 def test_unknown_yaml_key(tmp_path, small_model_dir):
@@ -119,7 +137,7 @@ def test_report_on_missing_run(tmp_path):
 def test_run_report_and_skip_on_rerun(tmp_path, small_model_dir):
     extra = ("grid:\n  methods:\n    - {name: full}\n    - {name: lora, options: {r: 4, target_modules: all-linear}}\n")
     config = write_config(tmp_path, small_model_dir, extra)
-    completed = run_cli("run", str(config), "--in-process")
+    completed = run_cli_process("run", str(config), "--in-process")
     assert completed.returncode == 0, completed.stderr
     run_dir = tmp_path / "runs" / "exp"
     results = sorted((run_dir / "results").glob("*.json"))
@@ -141,3 +159,19 @@ def test_run_report_and_skip_on_rerun(tmp_path, small_model_dir):
     (run_dir / "report.md").unlink()
     assert run_cli("report", str(run_dir)).returncode == 0
     assert (run_dir / "report.md").exists()
+
+
+def test_generate_with_and_without_an_adapter(tmp_path, small_model_dir):
+    from tunelab import tuners
+    from tunelab.models import zoo
+
+    completed = run_cli("generate", "Summarize the note: hello", "--model", str(small_model_dir), "--max-new-tokens", "4")
+    assert completed.returncode == 0, completed.stderr
+    assert "Summarize the note: hello" in completed.stdout
+    model, _ = zoo.load(str(small_model_dir))
+    tuners.apply(model, "lora", r=2, target_modules="all-linear")
+    tuners.save(model, tmp_path / "adapter", format="peft")
+    completed = run_cli("generate", "hi", "--model", str(small_model_dir), "--adapter", str(tmp_path / "adapter"))
+    assert completed.returncode == 0, completed.stderr
+    assert_one_line_error(run_cli("generate", "hi", "--model", str(small_model_dir), "--adapter",
+                                  str(tmp_path / "missing")), "adapter directory not found")

@@ -40,6 +40,20 @@ class Capabilities:
 METHOD_CAPABILITIES = {
     "full": Capabilities(keeps_base=False, trains_all=True, multi_adapter=False, additive=False),
     "lora": Capabilities(),
+    "dora": Capabilities(additive=False),  # a DoRA adapter rescales the output so far (PEFT's composition)
+    "lora_mixture": Capabilities(),
+    # prompt methods: prompts are not a weight delta, and one adapter runs at a time per layer
+    "coop": Capabilities(init_is_base=False, mergeable=False, multi_adapter=False, additive=False),
+    "vpt": Capabilities(init_is_base=False, mergeable=False, multi_adapter=False, additive=False),
+    "maple": Capabilities(init_is_base=False, mergeable=False, multi_adapter=False, additive=False),
+    "ia3": Capabilities(additive=False),  # active (IA)³ vectors multiply (PEFT's rule), they do not add
+    "bottleneck": Capabilities(mergeable=False),  # a non-linear adapter is no weight change
+    "compacter": Capabilities(mergeable=False),
+    # virtual tokens / key-value prefixes: not a weight delta; active adapters concatenate their tokens
+    "prompt_tuning": Capabilities(init_is_base=False, mergeable=False, additive=False),
+    "prefix_tuning": Capabilities(init_is_base=False, mergeable=False, additive=False),
+    "p_tuning_v2": Capabilities(init_is_base=False, mergeable=False, additive=False),
+    "qlora": Capabilities(),  # merges into the dequantized weight (exact); unmerge restores the 4-bit codes
 }
 
 
@@ -79,6 +93,65 @@ CASES = [
          label="regex"),
     Case("lora", "tiny_bert", dict(r=2, lora_alpha=4, target_modules="all-linear", modules_to_save=["classifier"]),
          overrides={"additive": False}, label="modules-to-save"),  # the head copy replaces, it does not add
+    Case("dora", "toy_mlp", dict(r=4, lora_alpha=8, target_modules=["up", "down"])),
+    Case("dora", "tiny_llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    Case("dora", "tiny_bert", dict(r=2, lora_alpha=4, target_modules="all-linear", modules_to_save=["classifier"]),
+         label="all-linear-head"),
+    Case("dora", "tiny_gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"])),
+    Case("lora", "tiny_llama", dict(r=4, lora_alpha=8, use_dora=True), overrides={"additive": False}, label="use-dora"),
+    Case("lora_mixture", "toy_mlp", dict(r=4, lora_alpha=8, experts=["a", "b"], train_experts=True,
+                                         target_modules=["up", "down"]), label="joint"),
+    Case("lora_mixture", "tiny_llama", dict(r=6, lora_alpha=6, experts=["a", "b", "c"], train_experts=True),
+         label="joint"),
+    Case("coop", "tiny_clip", dict(num_virtual_tokens=4)),
+    Case("coop", "tiny_clip", dict(num_virtual_tokens=4, init_token_ids=[4, 19, 17, 4]),  # "a photo of a"
+         overrides={"init_is_base": True}, label="ctx-init"),  # the classifier's prompts use that template
+    Case("coop", "tiny_clip", dict(num_virtual_tokens=2), label="short"),
+    Case("vpt", "tiny_clip", dict(num_virtual_tokens=3), label="shallow"),
+    Case("vpt", "tiny_clip", dict(num_virtual_tokens=3, deep=True), label="deep"),
+    Case("maple", "tiny_clip", dict(num_virtual_tokens=2, prompt_depth=2)),
+    Case("maple", "tiny_clip", dict(num_virtual_tokens=2, prompt_depth=1), label="depth1"),
+    Case("ia3", "toy_mlp", dict(target_modules=["up", "down"], feedforward_modules=["down"])),
+    Case("ia3", "tiny_llama", label="default-targets"),
+    Case("ia3", "tiny_bert", dict(target_modules=["key", "value", "output.dense", "pooler.dense"],
+                                  feedforward_modules=["output.dense"], modules_to_save=["classifier"]), label="head"),
+    Case("ia3", "tiny_gpt2", label="default-targets"),
+    Case("ia3", "tiny_llama", dict(target_modules=r".*\.(q_proj|up_proj|down_proj)", feedforward_modules=r".*down_proj"),
+         label="regex"),
+    Case("bottleneck", "toy_mlp", dict(placement="pfeiffer", reduction_factor=8)),
+    Case("bottleneck", "tiny_llama", dict(placement="houlsby", reduction_factor=8), label="houlsby"),
+    Case("bottleneck", "tiny_bert", dict(placement="houlsby", reduction_factor=8, modules_to_save=["classifier"]),
+         overrides={"additive": False}, label="houlsby-head"),
+    Case("bottleneck", "tiny_gpt2", dict(placement="pfeiffer", reduction_factor=4, non_linearity="gelu"),
+         label="pfeiffer"),
+    Case("bottleneck", "tiny_llama", dict(placement="pfeiffer", layers_to_transform=[1], non_linearity="swish"),
+         label="one-layer"),
+    Case("compacter", "toy_mlp", dict(variant="compacter++", reduction_factor=8, phm_dim=2)),
+    Case("compacter", "tiny_llama", dict(reduction_factor=8, phm_dim=2), label="compacter"),
+    Case("compacter", "tiny_bert", dict(variant="compacter++", reduction_factor=8, phm_dim=4,
+                                        modules_to_save=["classifier"]), overrides={"additive": False}, label="pp-head"),
+    Case("compacter", "tiny_gpt2", dict(reduction_factor=8, phm_dim=4, phm_rank=2, shared_phm_rule=False),
+         label="unshared-rank2"),
+    Case("prompt_tuning", "tiny_llama", dict(num_virtual_tokens=3)),
+    Case("prompt_tuning", "tiny_gpt2", dict(num_virtual_tokens=2, prompt_tuning_init="SAMPLE_VOCAB"), label="vocab"),
+    # BERT pools position 0, the first adapter's first virtual token: a second adapter's prompt reaches the
+    # head only through attention, too weakly on this random model for the switching check's threshold
+    Case("prompt_tuning", "tiny_bert", dict(num_virtual_tokens=3, modules_to_save=["classifier"]),
+         overrides={"multi_adapter": False}, label="head"),
+    Case("prefix_tuning", "tiny_llama", dict(num_virtual_tokens=3)),
+    Case("prefix_tuning", "tiny_gpt2", dict(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=8),
+         label="projection"),
+    Case("prefix_tuning", "tiny_bert", dict(num_virtual_tokens=3)),
+    Case("p_tuning_v2", "tiny_bert", dict(num_virtual_tokens=3, prefix_projection=True)),
+    # qlora quantizes the base at apply: comparisons with the fp32 base output carry the 4-bit error, so
+    # atol is ~2.5x the logit error measured for these seeds (exact checks vs the 4-bit base: test_qlora.py)
+    Case("qlora", "toy_mlp", dict(r=4, lora_alpha=8), atol=0.25, merge_atol=0.25, label="all-linear"),
+    Case("qlora", "tiny_llama", dict(r=4, lora_alpha=8), atol=0.06, merge_atol=0.06, label="all-linear"),
+    Case("qlora", "tiny_llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], double_quant=False,
+                                      blocksize=32), atol=0.03, merge_atol=0.03, label="qv-blocksize32"),
+    Case("qlora", "tiny_bert", dict(r=2, lora_alpha=4, modules_to_save=["classifier"]), atol=0.01, merge_atol=0.01,
+         overrides={"additive": False}, label="all-linear-head"),
+    Case("qlora", "tiny_gpt2", dict(r=4, lora_alpha=8), atol=0.06, merge_atol=0.06, label="all-linear"),
 ]
 
 

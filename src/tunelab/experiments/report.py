@@ -19,6 +19,14 @@ from tunelab.errors import DataError
 from tunelab.utils import atomic_write_text
 
 METHOD_NOTES = {
+    "coop": "CoOp (Zhou et al., 2022): M learnable context vectors replace the hand-written prompt words of a "
+            "CLIP text prompt, t_c = [V1..VM, class c]; p(y=c|x) = softmax_c(τ·cos(f(x), g(t_c))). Only M·d_text "
+            "parameters train, on the text side.",
+    "vpt": "VPT (Jia et al., 2022): N learnable tokens join the vision transformer's input sequence (shallow) or "
+           "are replaced at every layer (deep); the frozen text side supplies the class weights.",
+    "maple": "MaPLe (Khattak et al., 2023): text prompts P_j at the first J layers of CLIP's text encoder and "
+             "vision prompts F_j(P_j) at the same vision layers, F_j a learned linear coupling, so both branches "
+             "adapt together.",
     "full": "Full fine-tuning: every weight W is updated, W ← W − η ∇L(W). The reference point: the most "
             "trainable parameters and the most memory (weights, gradients and two AdamW moments for all of them).",
     "lora": "LoRA (Hu et al., 2021): a frozen weight W gets a trainable low-rank update, "

@@ -149,7 +149,8 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True) -> dict:
     if work.exists():
         shutil.rmtree(work / "train", ignore_errors=True)
     result = train(model, train_records, collate, spec.train, eval_records=eval_records or None,
-                   output_dir=work / "train", progress=progress)
+                   output_dir=work / "train", progress=progress,
+                   param_groups=loraplus_groups(model, spec.train.learning_rate, spec.train.weight_decay))
     started = time.perf_counter()
     metrics = _evaluate(spec, model, tokenizer, test_records, collate, labels, progress)
     eval_seconds = time.perf_counter() - started
@@ -169,6 +170,16 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True) -> dict:
     }
     shutil.rmtree(work, ignore_errors=True)
     return record
+
+
+def loraplus_groups(model, learning_rate: float, weight_decay: float) -> list[dict] | None:
+    """LoRA+ optimizer groups when the method sets ``loraplus_lr_ratio`` (B at lr x ratio); else None."""
+    from tunelab.tuners import loraplus
+
+    ratio = loraplus.configured_ratio(model)
+    if ratio is None:
+        return None
+    return loraplus.loraplus_param_groups(model, learning_rate, ratio, weight_decay=weight_decay)
 
 
 def _collator(spec: ExperimentSpec, tokenizer, labels: list[str] | None):

@@ -100,8 +100,16 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return _seeded(seed, lambda: GPT2LMHeadModel(config))
 
 
+def tiny_clip(seed: int = 0) -> nn.Module:
+    """A ~40k-parameter CLIP zero-shot classifier over 4 classes, 16 x 16 images (:mod:`tunelab.multimodal`)."""
+    from tunelab.multimodal.clip import tiny_random_classifier
+
+    return tiny_random_classifier(seed)
+
+
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "toy_mlp": toy_mlp, "tiny_llama": tiny_llama, "tiny_bert": tiny_bert, "tiny_gpt2": tiny_gpt2,
+    "tiny_clip": tiny_clip,
 }
 
 
@@ -112,6 +120,10 @@ def example_batch(model: nn.Module, batch_size: int = 2, seq_len: int = 8, seed:
         features = model.embed.in_features
         return {"x": torch.randn(batch_size, features, generator=generator),
                 "labels": torch.randint(0, model.classifier.out_features, (batch_size,), generator=generator)}
+    if hasattr(model, "class_input_ids"):  # a CLIP ZeroShotClassifier: images and class labels
+        from tunelab.multimodal.clip import example_batch as clip_batch
+
+        return clip_batch(model, batch_size, seed)
     input_ids = torch.randint(3, model.config.vocab_size, (batch_size, seq_len), generator=generator)  # (B, T)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if getattr(model.config, "num_labels", None) and "SequenceClassification" in type(model).__name__:

@@ -3,7 +3,9 @@
 Why: tests, the quickstart and every offline experiment need a *pretrained* decoder, and this machine
 cannot download one. So tunelab trains its own: a byte-level BPE tokenizer fitted on the built-in corpus
 of all four domains (so medical or legal words still tokenize sensibly), and a small
-``LlamaForCausalLM`` pretrained with the ordinary next-token objective on the **general** domain only.
+``LlamaForCausalLM`` pretrained with the ordinary next-token objective on the **general** domain
+(its task documents and encyclopedic text) plus a minority of encyclopedic background about the other
+domains (see ``_corpora``).
 Fine-tuning it on the medical domain is therefore real domain adaptation.
 
 Pretraining objective (causal LM, packed blocks of ``block_size`` tokens):
@@ -58,6 +60,8 @@ class TinySpec:
     learning_rate: float = 3e-3  # tiny models tolerate (and need) a large LR to learn in minutes
     n_documents: int = 6000
 
+
+BACKGROUND_SHARE = 0.15  # share of pretraining documents that are other-domain encyclopedic background
 
 PRESETS: dict[str, TinySpec] = {
     # ~3.7M parameters; pretrains in about two minutes on 2 CPU cores.
@@ -154,9 +158,25 @@ def model_perplexity(model: LlamaForCausalLM, blocks: torch.Tensor, batch_size: 
 
 
 def _corpora(spec: TinySpec, seed: int) -> tuple[list[str], list[str], list[str]]:
+    """Pretraining, held-out and tokenizer corpora.
+
+    Pretraining text is the general domain (encyclopedic paragraphs *and* task-formatted documents)
+    plus a minority of encyclopedic background paragraphs about the other domains' training entities,
+    as a web corpus has some medical or legal text. Without that background, the embeddings of tokens
+    that occur only in other domains would stay random, and no adapter that keeps embeddings frozen
+    could ever produce them. The model never sees a medical/legal/technical *task* before fine-tuning.
+    """
+    import random
+
     from tunelab.data import synthetic
 
-    pretrain_docs = synthetic.corpus(domains=("general",), n_documents=spec.n_documents, seed=seed, split="train")
+    others = tuple(d for d in synthetic.DOMAINS if d != "general")
+    n_background = int(spec.n_documents * BACKGROUND_SHARE)
+    pretrain_docs = synthetic.corpus(domains=("general",), n_documents=spec.n_documents - n_background,
+                                     seed=seed, split="train")
+    pretrain_docs += synthetic.corpus(domains=others, n_documents=n_background, seed=seed, split="train",
+                                      kinds=("encyclopedia",))
+    random.Random(seed).shuffle(pretrain_docs)
     heldout_docs = synthetic.corpus(domains=("general",), n_documents=400, seed=seed, split="test")
     # The tokenizer sees every domain so that domain words are not shredded into bytes later.
     tokenizer_docs = synthetic.corpus(domains=synthetic.DOMAINS, n_documents=4000, seed=seed, split="train")
@@ -213,6 +233,9 @@ def _collate_blocks(records: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def _write_atomically(target: Path, model, tokenizer, report: dict) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

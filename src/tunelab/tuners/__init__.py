@@ -15,6 +15,7 @@ The pieces: ``base`` (the wrapper-layer contract), ``targets`` (target_modules m
 method (``lora``, ``full``), ``modules_to_save`` and ``peft_format`` (HF PEFT interop).
 """
 
+from tunelab.tuners.adapterdrop import parallel_adapters, set_adapter_drop
 from tunelab.tuners.base import BaseTunerLayer, MethodConfig, tuner_layers
 from tunelab.tuners.core import (
     active_adapters,
@@ -32,10 +33,13 @@ from tunelab.tuners.core import (
     unload,
     unmerge,
 )
+from tunelab.tuners.loraplus import loraplus_param_groups
 from tunelab.tuners.registry import MethodSpec, build_config, register
 
 __all__ = [
     "BaseTunerLayer", "MethodConfig", "MethodSpec", "active_adapters", "adapters", "add_adapter", "apply",
-    "build_config", "delete_adapter", "disabled", "load", "merge", "methods", "register", "save",
+    "build_config", "delete_adapter", "disabled", "load", "loraplus_param_groups", "merge", "methods",
+    "register", "save",
     "set_active", "tuner_layers", "trainable_parameters", "unload", "unmerge",
+    "parallel_adapters", "set_adapter_drop",
 ]

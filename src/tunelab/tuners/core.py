@@ -283,7 +283,7 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = N
     elif peft_format.is_peft_dir(path):
         name = adapter_name or "default"
         config, tensors = peft_format.read(path)
-        entries, active, key_for = [(name, config, tensors)], [name], peft_format.to_peft_key
+        entries, active, key_for = [(name, config, tensors)], [name], peft_format.key_map(config.method)
     else:
         raise MethodError(f"no adapter in {path}: expected {OWN_CONFIG} (tunelab) or "
                           f"{peft_format.PEFT_CONFIG} (HF PEFT); pass the directory that save() wrote")

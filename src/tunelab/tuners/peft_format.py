@@ -44,7 +44,7 @@ _COPY_MARKER = ".modules_to_save."
 
 # PEFT options tunelab's LoRA does not implement -> their "off" value. A file using one is refused
 # rather than loaded to different outputs.
-_LORA_UNSUPPORTED = {"bias": "none", "use_dora": False, "lora_bias": False, "layer_replication": None,
+_LORA_UNSUPPORTED = {"bias": "none", "lora_bias": False, "layer_replication": None,
                      "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
                      "alora_invocation_tokens": None}
 
@@ -86,8 +86,9 @@ def save(model: nn.Module, path: Path, configs: dict[str, MethodConfig]) -> None
                               f"{', '.join(EXPORTERS)}); save with format='tunelab'")
         directory = path if len(configs) == 1 or name == "default" else path / name
         directory.mkdir(parents=True, exist_ok=True)
-        state = registry.get(config.method).adapter_state(model, name)
-        tensors = {to_peft_key(key): tensor.detach().cpu().contiguous() for key, tensor in state.items()}
+        state = STATE_EXPORTS.get(config.method, registry.get(config.method).adapter_state)(model, name)
+        to_key = key_map(config.method)
+        tensors = {to_key(key): tensor.detach().cpu().contiguous() for key, tensor in state.items()}
         with atomic_path(directory / PEFT_WEIGHTS) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
         atomic_write_json(directory / PEFT_CONFIG, exporter(model, config, name))
@@ -133,7 +134,7 @@ def lora_to_peft(model: nn.Module, config: LoraConfig, adapter_name: str) -> dic
         "bias": "none", "init_lora_weights": True, "modules_to_save": config.modules_to_save,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": {key: _number(value) for key, value in config.alpha_pattern.items()},
-        "layers_to_transform": None, "layers_pattern": None, "use_dora": False, "lora_bias": False,
+        "layers_to_transform": None, "layers_pattern": None, "use_dora": config.use_dora, "lora_bias": False,
     }
 
 
@@ -147,7 +148,7 @@ def lora_from_peft(record: dict, tensors: dict[str, torch.Tensor]) -> LoraConfig
     for key in tensors:
         if ".lora_" not in key:
             continue  # a modules_to_save copy
-        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+        if not key.endswith((".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")):
             raise MethodError(f"the PEFT adapter holds {key!r}, which tunelab's LoRA import does not support "
                               "(only Linear/Conv1D lora_A/lora_B weights)")
         paths.add(key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0])
@@ -161,8 +162,32 @@ def lora_from_peft(record: dict, tensors: dict[str, torch.Tensor]) -> LoraConfig
                "fan_in_fan_out": bool(record.get("fan_in_fan_out", False)),
                "modules_to_save": record.get("modules_to_save") or None,
                "rank_pattern": record.get("rank_pattern") or {}, "alpha_pattern": record.get("alpha_pattern") or {}}
-    return registry.build_config("lora", options)
+    return registry.build_config("dora" if record.get("use_dora") else "lora", options)
 
 
-EXPORTERS: dict[str, Callable[[nn.Module, MethodConfig, str], dict]] = {"lora": lora_to_peft}
+EXPORTERS: dict[str, Callable[[nn.Module, MethodConfig, str], dict]] = {"lora": lora_to_peft, "dora": lora_to_peft}
 IMPORTERS: dict[str, Callable[[dict, dict[str, torch.Tensor]], MethodConfig]] = {"LORA": lora_from_peft}
+# Methods whose PEFT keys are not module paths (own key -> PEFT key), and methods whose PEFT file holds
+# other tensors than their live state (e.g. folded prefixes): method -> (model, adapter name) -> state.
+KEY_MAPS: dict[str, Callable[[str], str]] = {}
+STATE_EXPORTS: dict[str, Callable[[nn.Module, str], dict[str, torch.Tensor]]] = {}
+
+
+def key_map(method: str) -> Callable[[str], str]:
+    """Own key -> PEFT key for ``method`` (module-path methods: :func:`to_peft_key`)."""
+    return KEY_MAPS.get(method, to_peft_key)
+
+
+# Prompt methods keep their converters in their own module (it uses the helpers above).
+from tunelab.tuners import prompt_peft  # noqa: E402
+
+EXPORTERS.update(prompt_peft.EXPORTERS)
+IMPORTERS.update(prompt_peft.IMPORTERS)
+KEY_MAPS.update(prompt_peft.KEY_MAPS)
+STATE_EXPORTS.update(prompt_peft.STATE_EXPORTS)
+
+# (IA)³ keeps its converters in ia3.py (keys are module paths + ".ia3_l", as PEFT's).
+from tunelab.tuners import ia3  # noqa: E402
+
+EXPORTERS["ia3"] = ia3.to_peft
+IMPORTERS["IA3"] = ia3.from_peft

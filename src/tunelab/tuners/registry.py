@@ -20,7 +20,10 @@ from pydantic import ValidationError
 from torch import nn
 
 from tunelab.errors import MethodError
-from tunelab.tuners import full, lora
+from tunelab.multimodal import coop, maple, vpt
+from tunelab.tuners import bottleneck, compacter, dora, full, ia3, lora, multi_lora
+from tunelab.tuners import p_tuning_v2, prefix, prompt
+from tunelab.tuners import qlora
 from tunelab.tuners.base import MethodConfig, layer_adapter_state
 
 InjectFn = Callable[[nn.Module, MethodConfig, str], Any]
@@ -95,3 +98,27 @@ register(MethodSpec("full", full.FullConfig, full.inject, summary="full fine-tun
                     adapter_state=full.adapter_state, keeps_base_weights=False))
 register(MethodSpec("lora", lora.LoraConfig, lora.inject,
                     summary="LoRA / rsLoRA: a trainable low-rank update B A on frozen Linear weights"))
+register(MethodSpec("dora", dora.DoraConfig, dora.inject,
+                    summary="DoRA: a trainable magnitude times the normalised direction W + s B A"))
+register(MethodSpec("qlora", qlora.QLoraConfig, qlora.inject,
+                    summary="QLoRA: LoRA over NF4 4-bit base weights with double-quantized block constants"))
+register(MethodSpec("lora_mixture", multi_lora.LoraMixtureConfig, multi_lora.inject_mixture,
+                    summary="a learned per-layer gate over k frozen LoRA experts (multi_lora.mixture)"))
+register(MethodSpec("coop", coop.CoOpConfig, coop.inject,
+                    summary="CoOp: learnable text context vectors replace CLIP's hand-written prompt words"))
+register(MethodSpec("vpt", vpt.VPTConfig, vpt.inject,
+                    summary="VPT: learnable tokens in CLIP's vision transformer, at the input (shallow) or every layer (deep)"))
+register(MethodSpec("maple", maple.MaPLeConfig, maple.inject,
+                    summary="MaPLe: deep text prompts plus vision prompts coupled to them by learned linear maps"))
+register(MethodSpec("ia3", ia3.IA3Config, ia3.inject,
+                    summary="(IA)³: learned vectors rescale keys, values and feed-forward activations (mergeable)"))
+register(MethodSpec("bottleneck", bottleneck.BottleneckConfig, bottleneck.inject,
+                    summary="bottleneck adapters: a residual down/up MLP after attention and/or FFN (Houlsby, Pfeiffer)"))
+register(MethodSpec("compacter", compacter.CompacterConfig, compacter.inject, adapter_state=compacter.adapter_state,
+                    summary="Compacter / Compacter++: adapters with low-rank Kronecker (PHM) projections"))
+register(MethodSpec("prompt_tuning", prompt.PromptTuningConfig, prompt.inject,
+                    summary="prompt tuning: n trainable virtual token embeddings prepended to the input"))
+register(MethodSpec("prefix_tuning", prefix.PrefixTuningConfig, prefix.inject,
+                    summary="prefix tuning: trainable key/value prefixes at every layer, optionally via an MLP"))
+register(MethodSpec("p_tuning_v2", p_tuning_v2.PTuningV2Config, p_tuning_v2.inject,
+                    summary="P-Tuning v2: deep key/value prompts plus a trained linear head (NLU tasks)"))

@@ -18,6 +18,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from tunelab.errors import DataError
+
 from .checks import check_count, check_split, resolve_domains
 from .render import encyclopedia
 from .tasks import RENDERERS, Context
@@ -51,6 +53,7 @@ def corpus(
     seed: int = 0,
     split: str = "train",
     world: World | None = None,
+    kinds: Sequence[str] | None = None,
 ) -> list[str]:
     """Pretraining documents about the entities of ``split`` in ``domains``.
 
@@ -60,6 +63,8 @@ def corpus(
         seed: seeds the sampling, and the world when ``world`` is None.
         split: whose entities the documents describe (``"validation"``/``"test"``: held-out corpus).
         world: the world to render (default: ``World(seed=seed)``, cached).
+        kinds: restrict the document kinds (keys of :data:`DOCUMENT_WEIGHTS`, e.g. ``("encyclopedia",)``
+            for background text only); default: the full mix.
 
     Returns:
         ``n_documents`` strings of roughly 50-150 words.
@@ -73,7 +78,13 @@ def corpus(
     world = default_world(seed) if world is None else world
     rng = random.Random(f"corpus|{seed}|{split}|{','.join(names)}")
     contexts = {d: Context(world, d, world.split_entities(d, split), rng) for d in names}
-    kinds, weights = list(DOCUMENT_WEIGHTS), list(DOCUMENT_WEIGHTS.values())
+    if kinds is not None:
+        unknown = [kind for kind in kinds if kind not in DOCUMENT_WEIGHTS]
+        if unknown or not kinds:
+            raise DataError(f"unknown corpus document kind {unknown[0] if unknown else '(none)'!r}; "
+                            f"choose from: {', '.join(DOCUMENT_WEIGHTS)}")
+    chosen = list(kinds) if kinds is not None else list(DOCUMENT_WEIGHTS)
+    kinds, weights = chosen, [DOCUMENT_WEIGHTS[kind] for kind in chosen]
     documents = []
     for _ in range(n_documents):
         ctx = contexts[rng.choice(names)]

@@ -1,0 +1,297 @@
+"""LoRA and DoRA: tunelab against HF PEFT on the same random model and the same adapter config.
+
+Measured, per model (a tiny-llama-shaped Llama and a GPT-2-small-shaped GPT-2, both random) and
+method (LoRA, DoRA; r = 8, alpha = 16, every linear layer of the blocks):
+
+- training step time, ours / PEFT: forward + backward + AdamW step, the two alternating in one
+  process (who goes first alternates too), median over steps;
+- peak memory, ours / PEFT: each case in a fresh subprocess (the same imports in every case, so the
+  baseline is equal), max RSS after a few training steps; also the increment over the loaded model;
+- inference latency (eval, no grad): base model, ours unmerged, ours merged, PEFT unmerged,
+  alternating; merged / base is the "merging costs nothing" check;
+- trainable parameter counts (must equal PEFT's);
+- the DoRA norm alone: PEFT's dense ``||W + s B A||`` (identity trick, dense sum) against tunelab's
+  factored formula, time and the size of the largest temporary.
+
+Absolute times on a shared 2-core machine are noise; the ratios are what counts. Targets (the issue):
+LoRA time and memory ratio <= 1.0, DoRA <= 0.8, merged latency within 2% of the base model.
+
+    python benchmarks/bench_lora_family.py            # ~5-10 minutes on 2 busy cores
+    python benchmarks/bench_lora_family.py --quick    # smaller step counts, for a smoke run
+
+Writes ``benchmarks/results/lora_family.json`` and ``lora_family.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RANK, ALPHA = 8, 16
+TARGETS = {
+    "tiny-llama-shape": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2-small-shape": ["c_attn", "c_proj", "c_fc"],
+}
+BATCH = {"tiny-llama-shape": (4, 128), "gpt2-small-shape": (1, 128)}  # (batch, sequence) per step
+METHODS = ("lora", "dora")
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def build_base(model_name: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if model_name == "tiny-llama-shape":
+        config = LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                             intermediate_size=688, vocab_size=2048, max_position_embeddings=512)
+        return LlamaForCausalLM(config)
+    config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # 124M: 12 layers, 768 wide
+    return GPT2LMHeadModel(config)
+
+
+def tune(base, model_name: str, impl: str, method: str):
+    """Apply the same adapter with tunelab or PEFT (``impl``) to ``base`` (in place / wrapped)."""
+    use_dora = method == "dora"
+    if impl == "tunelab":
+        from tunelab import tuners
+
+        return tuners.apply(base, "lora", r=RANK, lora_alpha=ALPHA, target_modules=TARGETS[model_name],
+                            use_dora=use_dora)
+    import peft
+
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS[model_name], use_dora=use_dora,
+                             fan_in_fan_out=model_name.startswith("gpt2"))
+    return peft.get_peft_model(base, config)
+
+
+def make_batch(model_name: str, vocab: int) -> dict[str, torch.Tensor]:
+    batch, length = BATCH[model_name]
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids}
+
+
+def trainable_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class Trainer:
+    """One model + AdamW; ``step()`` returns the wall time of forward + backward + update."""
+
+    def __init__(self, model, batch) -> None:
+        self.model, self.batch = model.train(), batch
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(self) -> float:
+        started = time.perf_counter()
+        self.model(**self.batch).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------------------- measures
+
+
+def step_times(model_name: str, method: str, steps: int) -> dict:
+    base = build_base(model_name)
+    batch = make_batch(model_name, base.config.vocab_size)
+    trainers = {impl: Trainer(tune(copy.deepcopy(base), model_name, impl, method), batch)
+                for impl in ("tunelab", "peft")}
+    counts = {impl: trainable_count(t.model) for impl, t in trainers.items()}
+    times: dict[str, list[float]] = {"tunelab": [], "peft": []}
+    for impl in trainers:  # warm-up (allocator, first-call overheads)
+        trainers[impl].step()
+    for index in range(steps):
+        order = ("tunelab", "peft") if index % 2 == 0 else ("peft", "tunelab")
+        for impl in order:
+            times[impl].append(trainers[impl].step())
+    medians = {impl: statistics.median(values) for impl, values in times.items()}
+    return {"step_ms": {k: 1000 * v for k, v in medians.items()}, "time_ratio": medians["tunelab"] / medians["peft"],
+            "trainable": counts, "trainable_equal": counts["tunelab"] == counts["peft"], "steps": steps}
+
+
+@torch.no_grad()
+def latencies(model_name: str, method: str, repeats: int) -> dict:
+    from tunelab import tuners
+
+    base = build_base(model_name).eval()
+    batch = {"input_ids": make_batch(model_name, base.config.vocab_size)["input_ids"]}
+    ours = tune(copy.deepcopy(base), model_name, "tunelab", method).eval()
+    merged = tune(copy.deepcopy(base), model_name, "tunelab", method).eval()
+    tuners.merge(merged)
+    reference = tune(copy.deepcopy(base), model_name, "peft", method).eval()
+    variants = {"base": base, "tunelab_unmerged": ours, "tunelab_merged": merged, "peft_unmerged": reference}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for model in variants.values():
+        model(**batch)  # warm-up
+    for index in range(repeats):
+        names = list(variants) if index % 2 == 0 else list(reversed(variants))
+        for name in names:
+            started = time.perf_counter()
+            variants[name](**batch)
+            times[name].append(time.perf_counter() - started)
+    ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
+    return {"latency_ms": ms, "merged_over_base": ms["tunelab_merged"] / ms["base"],
+            "unmerged_over_base": ms["tunelab_unmerged"] / ms["base"],
+            "unmerged_over_peft_unmerged": ms["tunelab_unmerged"] / ms["peft_unmerged"], "repeats": repeats}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def memory_case(model_name: str, impl: str, method: str, steps: int) -> dict:
+    """Run in a fresh process: import everything, build, tune, train ``steps`` steps; report RSS."""
+    import peft  # noqa: F401  every case imports the same libraries, so baselines are equal
+
+    import tunelab.tuners  # noqa: F401
+
+    torch.set_num_threads(2)
+    base = build_base(model_name)
+    loaded = current_rss_mb()
+    model = tune(base, model_name, impl, method)
+    trainer = Trainer(model, make_batch(model_name, base.config.vocab_size))
+    for _ in range(steps):
+        trainer.step()
+    return {"peak_rss_mb": rss_mb(), "model_loaded_rss_mb": loaded}
+
+
+def peak_memory(model_name: str, method: str, steps: int) -> dict:
+    result = {}
+    for impl in ("tunelab", "peft"):
+        command = [sys.executable, __file__, "--memory-case", model_name, impl, method, "--steps", str(steps)]
+        completed = subprocess.run(command, capture_output=True, text=True, check=True)
+        result[impl] = json.loads(completed.stdout.strip().splitlines()[-1])
+    peak = {impl: r["peak_rss_mb"] for impl, r in result.items()}
+    over = {impl: r["peak_rss_mb"] - r["model_loaded_rss_mb"] for impl, r in result.items()}
+    return {"peak_rss_mb": peak, "memory_ratio": peak["tunelab"] / peak["peft"],
+            "training_increment_mb": over, "increment_ratio": over["tunelab"] / over["peft"]}
+
+
+def dora_norm(repeats: int) -> list[dict]:
+    """PEFT's dense norm (identity trick) vs the factored one, on GPT-2-small layer shapes."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    from tunelab.tuners.dora import row_norm
+
+    rows = []
+    for d_out, d_in in ((2304, 768), (768, 3072), (3072, 768)):
+        generator = torch.Generator().manual_seed(0)
+        W = torch.randn(d_out, d_in, generator=generator) * 0.02
+        lora_A, lora_B = torch.nn.Linear(d_in, RANK, bias=False), torch.nn.Linear(RANK, d_out, bias=False)
+        torch.nn.init.normal_(lora_B.weight, std=0.02)
+        dense_layer = DoraLinearLayer(fan_in_fan_out=False)
+        weight_sq = W.pow(2).sum(1)
+
+        def dense():
+            with torch.no_grad():
+                lora_weight = dense_layer.get_lora_weight(lora_A, lora_B)
+                return dense_layer.get_weight_norm(W, lora_weight, ALPHA / RANK)
+
+        def factored():
+            return row_norm(W, lora_A.weight, lora_B.weight, ALPHA / RANK, weight_sq)
+
+        error = (dense() - factored()).abs().max().item() / dense().abs().max().item()
+        times = {"peft_dense": [], "tunelab_factored": []}
+        for index in range(repeats):
+            pairs = [("peft_dense", dense), ("tunelab_factored", factored)]
+            for name, fn in pairs if index % 2 == 0 else reversed(pairs):
+                started = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - started)
+        ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
+        temporary = {"peft_dense": 4 * (d_in * d_in + 2 * d_in * d_out), "tunelab_factored": 4 * (RANK * d_out + RANK**2)}
+        rows.append({"shape": [d_out, d_in], "ms": ms, "time_ratio": ms["tunelab_factored"] / ms["peft_dense"],
+                     "largest_temporaries_bytes": temporary, "relative_difference": error})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def markdown(record: dict) -> str:
+    lines = ["# LoRA family: tunelab vs HF PEFT", "",
+             f"torch {record['versions']['torch']}, peft {record['versions']['peft']}, "
+             f"{record['versions']['threads']} threads, {record['versions']['machine']}. "
+             f"r = {RANK}, alpha = {ALPHA}, every linear layer of the blocks. Ratios are ours / PEFT "
+             "(lower is better); medians of alternating runs.", "",
+             "| model | method | step time ratio | target | peak RSS ratio | training-increment ratio | "
+             "trainable (ours = PEFT) | merged / base latency | unmerged / base | unmerged ours / PEFT |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in record["cases"]:
+        target = 1.0 if row["method"] == "lora" else 0.8
+        time_ok = "met" if row["time_ratio"] <= target else "**missed**"
+        lines.append(
+            f"| {row['model']} | {row['method']} | {row['time_ratio']:.3f} ({row['step_ms']['tunelab']:.0f} / "
+            f"{row['step_ms']['peft']:.0f} ms) | <= {target} {time_ok} | {row['memory_ratio']:.3f} "
+            f"({row['peak_rss_mb']['tunelab']:.0f} / {row['peak_rss_mb']['peft']:.0f} MB) | "
+            f"{row['increment_ratio']:.3f} | {row['trainable']['tunelab']:,} "
+            f"({'yes' if row['trainable_equal'] else 'NO'}) | {row['merged_over_base']:.3f} | "
+            f"{row['unmerged_over_base']:.3f} | {row['unmerged_over_peft_unmerged']:.3f} |")
+    lines += ["", "DoRA weight norm alone (GPT-2-small shapes, r = 8): PEFT's dense formula vs tunelab's factored one.",
+              "", "| shape (out, in) | time ratio ours / PEFT | PEFT ms | ours ms | largest temporaries PEFT / ours |"
+              " relative difference |", "|---|---|---|---|---|---|"]
+    for row in record["dora_norm"]:
+        temporary = row["largest_temporaries_bytes"]
+        lines.append(f"| {tuple(row['shape'])} | {row['time_ratio']:.3f} | {row['ms']['peft_dense']:.2f} | "
+                     f"{row['ms']['tunelab_factored']:.2f} | {temporary['peft_dense'] / 2**20:.1f} MiB / "
+                     f"{temporary['tunelab_factored'] / 2**10:.1f} KiB | {row['relative_difference']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-case", nargs=3, metavar=("MODEL", "IMPL", "METHOD"))
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--models", nargs="*", default=list(TARGETS))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.memory_case:
+        print(json.dumps(memory_case(*args.memory_case, steps=args.steps)))
+        return
+    torch.set_num_threads(args.threads)
+    import peft
+
+    steps, repeats = (3, 5) if args.quick else (9, 15)
+    cases = []
+    for model_name in args.models:
+        for method in METHODS:
+            started = time.perf_counter()
+            row = {"model": model_name, "method": method}
+            row.update(step_times(model_name, method, steps if model_name.startswith("tiny") else max(3, steps // 2)))
+            row.update(latencies(model_name, method, repeats))
+            row.update(peak_memory(model_name, method, steps=2))
+            print(f"{model_name} {method}: time {row['time_ratio']:.3f}, memory {row['memory_ratio']:.3f}, "
+                  f"merged/base {row['merged_over_base']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+            cases.append(row)
+    record = {"benchmark": "lora_family", "rank": RANK, "lora_alpha": ALPHA, "cases": cases,
+              "dora_norm": dora_norm(repeats * 2),
+              "versions": {"torch": torch.__version__, "peft": peft.__version__, "threads": args.threads,
+                           "python": platform.python_version(), "machine": platform.machine()}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lora_family.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / "lora_family.md").write_text(markdown(record))
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    main()

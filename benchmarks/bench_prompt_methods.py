@@ -1,0 +1,190 @@
+"""Prompt tuning and prefix tuning: tunelab vs HF PEFT, training step time and peak memory.
+
+Both sides train the same adapter (same geometry, same seeded base model) on the same batches of a
+random Llama (causal LM loss). Target: ratio (tunelab / PEFT) <= 1.0 for both.
+
+- Step time: one process holds both models; rounds alternate tunelab and PEFT (A B A B ...), each
+  round times ``--steps`` optimizer steps; the reported ratio is the median over rounds of
+  ``time(tunelab) / time(PEFT)`` (absolute times on a shared machine are noise, ratios are not).
+- Peak memory: each case runs in a fresh subprocess that builds the model, applies the method and
+  trains; it reports ``ru_maxrss`` (peak RSS) and the peak above the RSS measured just before training
+  (what the method adds). Both sides import torch, transformers, peft and tunelab, so the baselines
+  match.
+
+    python benchmarks/bench_prompt_methods.py [--rounds 7 --steps 5 --threads 2]
+
+Writes ``benchmarks/results/bench_prompt_methods.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CASES = {  # name -> (tunelab method, options)
+    "prompt_tuning": ("prompt_tuning", {"num_virtual_tokens": 20}),
+    "prefix_tuning": ("prefix_tuning", {"num_virtual_tokens": 20}),
+    "prefix_tuning+projection": ("prefix_tuning", {"num_virtual_tokens": 20, "prefix_projection": True,
+                                                   "encoder_hidden_size": 128}),
+}
+SHAPE = {"vocab": 2000, "hidden": 256, "layers": 4, "heads": 8, "kv_heads": 4, "batch": 8, "seq": 128}
+
+
+def build_base():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=4 * SHAPE["hidden"],
+                         num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
+                         num_key_value_heads=SHAPE["kv_heads"], max_position_embeddings=512)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def batch():
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, SHAPE["vocab"], (SHAPE["batch"], SHAPE["seq"]), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def make(side: str, case: str, base):
+    """(model, optimizer) for one side; PEFT gets the same options under its own config class."""
+    import peft
+    import torch
+
+    from tunelab import tuners
+
+    method, options = CASES[case]
+    model = copy.deepcopy(base)
+    if side == "tunelab":
+        tuners.apply(model, method, **options)
+    else:
+        config_class = peft.PromptTuningConfig if method == "prompt_tuning" else peft.PrefixTuningConfig
+        model = peft.get_peft_model(model, config_class(task_type="CAUSAL_LM", **options))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return model, optimizer
+
+
+def run_steps(model, optimizer, data: dict, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = model(**data).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_child(side: str, case: str, steps: int, threads: int) -> None:
+    """Subprocess body: build, apply, train; print peak RSS (MiB) and the peak above the pre-training RSS."""
+    import peft  # noqa: F401  (both sides import the same libraries)
+    import torch
+
+    import tunelab.tuners  # noqa: F401
+
+    torch.set_num_threads(threads)
+    model, optimizer = make(side, case, build_base())
+    data = batch()
+    before = rss_mib()
+    run_steps(model, optimizer, data, steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mib": peak, "training_mib": peak - before}))
+
+
+def measure_memory(case: str, steps: int, threads: int) -> dict:
+    out = {}
+    for side in ("tunelab", "peft"):
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_prompt_methods as b; "
+                f"b.memory_child({side!r}, {case!r}, {steps}, {threads})")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out[side] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+def measure_time(case: str, rounds: int, steps: int) -> dict:
+    base, data = build_base(), batch()
+    sides = {side: make(side, case, base) for side in ("tunelab", "peft")}
+    for model, optimizer in sides.values():
+        run_steps(model, optimizer, data, 1)  # warm-up (allocator, lazy init)
+    times = {"tunelab": [], "peft": []}
+    for index in range(rounds):
+        order = ("tunelab", "peft") if index % 2 == 0 else ("peft", "tunelab")
+        for side in order:
+            times[side].append(run_steps(*sides[side], data, steps) / steps)
+    ratios = [ours / theirs for ours, theirs in zip(times["tunelab"], times["peft"], strict=True)]
+    return {"median_ratio": statistics.median(ratios), "ratios": ratios,
+            "tunelab_step_s": statistics.median(times["tunelab"]), "peft_step_s": statistics.median(times["peft"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--memory-steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import peft
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    results = {"shape": SHAPE, "rounds": args.rounds, "steps_per_round": args.steps, "threads": args.threads,
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "peft": peft.__version__}, "cases": {}}
+    for case in CASES:
+        timing = measure_time(case, args.rounds, args.steps)
+        memory = measure_memory(case, args.memory_steps, args.threads)
+        results["cases"][case] = {"time": timing, "memory": memory,
+                                  "peak_ratio": memory["tunelab"]["peak_mib"] / memory["peft"]["peak_mib"],
+                                  "training_memory_ratio": memory["tunelab"]["training_mib"]
+                                  / max(memory["peft"]["training_mib"], 1e-9)}
+        print(case, json.dumps({k: results["cases"][case][k] for k in ("peak_ratio", "training_memory_ratio")}),
+              "time ratio", round(timing["median_ratio"], 3), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_prompt_methods.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "bench_prompt_methods.md").write_text(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    shape = results["shape"]
+    lines = [
+        "# Prompt and prefix tuning: tunelab vs HF PEFT",
+        "",
+        f"Random Llama (hidden {shape['hidden']}, {shape['layers']} layers, {shape['heads']} heads / "
+        f"{shape['kv_heads']} KV heads, vocab {shape['vocab']}), batch {shape['batch']} x {shape['seq']} tokens, "
+        f"causal-LM loss + AdamW, {results['threads']} threads; {results['versions']}.",
+        f"Step time: median over {results['rounds']} alternating rounds of {results['steps_per_round']} steps of the "
+        "per-round ratio. Memory: fresh subprocess per side, peak RSS and peak above the pre-training RSS.",
+        "",
+        "| case | step time ratio (tunelab/PEFT) | tunelab s/step | PEFT s/step | peak RSS ratio | "
+        "training-memory ratio | tunelab peak MiB | PEFT peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for case, row in results["cases"].items():
+        timing, memory = row["time"], row["memory"]
+        lines.append(f"| {case} | {timing['median_ratio']:.3f} | {timing['tunelab_step_s']:.4f} | "
+                     f"{timing['peft_step_s']:.4f} | {row['peak_ratio']:.3f} | {row['training_memory_ratio']:.3f} | "
+                     f"{memory['tunelab']['peak_mib']:.0f} | {memory['peft']['peak_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
