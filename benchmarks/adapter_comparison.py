@@ -10,7 +10,7 @@ Writes ``results/adapter_comparison.{json,md}`` and ``results/adapter_comparison
 trainable parameters, log scale), plus the parameter budget of each method on MiniLM and on a
 BERT-base-shaped model (built on the meta device: no weights, exact counts).
 
-    python benchmarks/adapter_comparison.py [--steps 60] [--seeds 0 1 2] [--jobs 2]
+    python benchmarks/adapter_comparison.py [--steps 30] [--seeds 0 1 2] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing
 import statistics
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -124,10 +123,11 @@ def summarize(cells: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], budget: list[dict], args: argparse.Namespace, wall: float) -> str:
     lines = ["# Adapter comparison on MiniLM (all-MiniLM-L6-v2)", "",
-             f"Built-in world, domain='all'; {args.train} training / {args.test} test examples per task, "
+             f"Built-in world, domain='all'; {args.train} training / {args.test} test examples per domain (x4 domains) "
+             "per task, "
              f"{args.steps} steps of batch 16, max length {MAX_LENGTH}, seeds {args.seeds}; accuracy mean ± std over seeds. "
              "Trainable counts include the 4-class head (1.5k) for every method. "
-             f"Total wall time {wall / 60:.1f} min on a shared 2-core CPU ({args.jobs} worker processes, "
+             f"Summed training time of all cells {wall / 60:.1f} min on a shared 2-core CPU ({args.jobs} worker processes, "
              f"{args.threads} thread each).", "",
              "| method | trainable | % of model | " + " | ".join(TASKS) + " | median train s |",
              "|---|---:|---:|" + "---:|" * len(TASKS) + "---:|"]
@@ -167,25 +167,45 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+CELLS = RESULTS / "adapter_comparison_cells.jsonl"  # one line per finished (method, task, seed)
+
+
+def cell_config(args: argparse.Namespace) -> dict:
+    return {"steps": args.steps, "train": args.train, "test": args.test}
+
+
+def read_cells(args: argparse.Namespace) -> list[dict]:
+    """Finished cells of this configuration (a rerun continues where the last one stopped)."""
+    if not CELLS.is_file():
+        return []
+    cells = [json.loads(line) for line in CELLS.read_text().splitlines() if line.strip()]
+    return [c for c in cells if c.get("config") == cell_config(args)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--train", type=int, default=320)
-    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--train", type=int, default=240)
+    parser.add_argument("--test", type=int, default=120)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the finished cells")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    start, cells = time.perf_counter(), []
+    done = {(c["method"], c["task"], c["seed"]): c for c in read_cells(args)}  # finished cells are skipped
     jobs = [(label, task, seed, args.steps, args.train, args.test, args.threads)
-            for seed in args.seeds for task in TASKS for label in args.methods]
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for cell in pool.map(run_cell, *zip(*jobs, strict=True)):
-            cells.append(cell)
-            print(json.dumps(cell), flush=True)
-    wall = time.perf_counter() - start
+            for seed in args.seeds for task in TASKS for label in args.methods if (label, task, seed) not in done]
+    if jobs and not args.report_only:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for cell in pool.map(run_cell, *zip(*jobs, strict=True)):
+                done[(cell["method"], cell["task"], cell["seed"])] = cell
+                with CELLS.open("a") as handle:
+                    handle.write(json.dumps({**cell, "config": cell_config(args)}) + "\n")
+                print(json.dumps(cell), flush=True)
+    cells = [c for c in done.values() if c["method"] in args.methods and c["seed"] in args.seeds]
+    wall = sum(c["train_seconds"] for c in cells)  # cells may come from several invocations
     rows, budget = summarize(cells), parameter_budget()
     payload = {"args": vars(args), "wall_seconds": wall, "cells": cells, "summary": rows, "parameter_budget": budget}
     (RESULTS / "adapter_comparison.json").write_text(json.dumps(payload, indent=2))

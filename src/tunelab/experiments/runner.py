@@ -36,7 +36,7 @@ from tunelab.utils import atomic_write_json, atomic_write_text, seed_everything
 
 MODEL_TASK = {"sft": "causal_lm", "classification": "sequence_classification",
               "token_classification": "token_classification"}
-HEAD_NAMES = ("score", "classifier", "lm_head_cls")  # new task heads always train (PEFT: modules_to_save)
+HEAD_NAMES = ("score", "classifier")  # heads that transformers adds for classification tasks
 
 
 def load_model_for(spec: ExperimentSpec, labels: list[str] | None, progress: bool = True):
@@ -47,14 +47,27 @@ def load_model_for(spec: ExperimentSpec, labels: list[str] | None, progress: boo
 
 
 def apply_method(model, spec: ExperimentSpec):
-    """Apply the cell's method; task heads added by tunelab stay trainable."""
-    from tunelab import tuners
+    """Apply the cell's method; a task head added by tunelab (``classifier``/``score``) always trains.
 
-    model = tuners.apply(model, spec.method.name, **spec.method.options)
+    Methods that support PEFT's ``modules_to_save`` get the head there (so it is saved with the
+    adapter); for the others, the head's parameters are simply unfrozen.
+    """
+    from tunelab import tuners
+    from tunelab.tuners import registry
+
+    options = dict(spec.method.options)
+    heads = []
     if spec.objective != "sft" and spec.method.name != "full":
-        for name, parameter in model.named_parameters():
-            if any(part in HEAD_NAMES for part in name.split(".")):
-                parameter.requires_grad_(True)
+        leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        heads = [name for name in HEAD_NAMES if name in leaf_names]
+        fields = registry.get(spec.method.name).config_class.model_fields
+        if heads and "modules_to_save" in fields and not options.get("modules_to_save"):
+            options["modules_to_save"] = heads
+            heads = []
+    model = tuners.apply(model, spec.method.name, **options)
+    for name, parameter in model.named_parameters():
+        if any(part in heads for part in name.split(".")):
+            parameter.requires_grad_(True)
     return model
 
 
@@ -132,7 +145,6 @@ def _run_cell_subprocess(cell: Cell, run_dir: Path) -> None:
 
 def run_cell(cell: Cell, run_dir: Path, progress: bool = True) -> dict:
     """Train and evaluate one cell; returns its result record (the caller writes it)."""
-    from tunelab import tuners
     from tunelab.train import train
     from tunelab.train.profile import peak_rss_mb
 
@@ -141,8 +153,7 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True) -> dict:
     train_records, eval_records, test_records, labels = build_splits(spec.data, spec.objective)
     model, tokenizer = load_model_for(spec, labels, progress=progress)
     model = apply_method(model, spec)
-    trainable = sum(p.numel() for _, p in tuners.trainable_parameters(model)) if spec.method.name != "full" else \
-        sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     collate = _collator(spec, tokenizer, labels)
     work = run_dir / ".work" / cell.run_id

@@ -58,7 +58,7 @@ class ClipSpec:
     projection_dim: int = 64
     image_size: int = images.IMAGE_SIZE
     patch_size: int = 8  # 4 x 4 patches + CLS = 17 tokens: cheap, and shapes still span several patches
-    steps: int = 1200
+    steps: int = 800
     batch_size: int = 128  # contrastive learning wants many negatives per batch
     learning_rate: float = 2e-3
     warmup_ratio: float = 0.05

@@ -32,7 +32,7 @@ table lookup and multiplies by the block constants.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -44,7 +44,7 @@ ABSMAX_BLOCKSIZE = 256  # double quantization: blocks of 256 constants (the pape
 _TINY = 1e-38  # an all-zero block has absmax 0; divide by this instead (its codes are all "0.0")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _codebook(name: str) -> torch.Tensor:
     return nf4_codebook(NF4_OFFSET) if name == "nf4" else dynamic_codebook()
 
@@ -73,7 +73,7 @@ def dynamic_codebook() -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)  # (256,)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pair_table(device: torch.device) -> torch.Tensor:
     """Byte -> its two NF4 values, as one float64 word per byte (so one lookup decodes two codes)."""
     code = _codebook("nf4").to(device)

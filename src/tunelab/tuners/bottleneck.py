@@ -15,7 +15,7 @@ output of a sub-layer before the block adds its own residual:
 Generic insertion (no per-architecture code)::
 
     model ── ModuleList of identical blocks  (found by structure: model.layers / encoder.layer / h / blocks)
-               block i ── attention sub-module (first child named *attn* / *attention*)
+               block i ── attention sub-module (first descendant named *attn* / *attention* with a Linear)
                │            └── its last Linear ............ AdapterLayer  <- Houlsby "attention" adapter
                └── last Linear outside attention modules ... AdapterLayer  <- both placements, "ffn" adapter
 

@@ -155,15 +155,16 @@ class DoraVariant:
         g = self.factor(layer, name)  # (out,)
         x = x.to(lora_A.weight.dtype)
         if isinstance(dropout, nn.Identity) or not layer.training:
+            # b + g (result - b + s B A x) = g (result + s B A x) + (1 - g) b: two passes over (..., out)
+            update = torch.add(result.to(g.dtype), lora_B(lora_A(x)), alpha=scaling)  # (..., out)
             bias = layer.base_layer.bias
-            base = result if bias is None else result - bias  # (..., out): W x (+ earlier adapters)
-            update = base.to(g.dtype) + lora_B(lora_A(x)) * scaling  # (W + s B A) x
-            out = g * update if bias is None else bias.to(g.dtype) + g * update
+            out = g * update if bias is None else torch.addcmul((1 - g) * bias.to(g.dtype), g, update)
             return out.to(result.dtype)
         dropped = dropout(x)
         base = F.linear(dropped, layer.get_base_weight().to(g.dtype))  # (..., out) W d, no bias
-        out = result.to(g.dtype) + (g - 1) * base + g * (lora_B(lora_A(dropped)) * scaling)
-        return out.to(result.dtype)
+        # result + (g - 1) W d + g s B A d = (result - W d) + g (W d + s B A d)
+        update = torch.add(base, lora_B(lora_A(dropped)), alpha=scaling)
+        return torch.addcmul(result.to(g.dtype) - base, g, update).to(result.dtype)
 
     @torch.no_grad()
     def merge(self, layer: LoraLayer, name: str, base_weight: torch.Tensor) -> torch.Tensor:

@@ -206,7 +206,7 @@ class LoraLayer(BaseTunerLayer):
                 continue
             lora_A = self.lora_A[name]
             hidden = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))  # (..., r)
-            result = result + (self.lora_B[name](hidden) * self.scaling[name]).to(result.dtype)  # (..., out)
+            result = torch.add(result, self.lora_B[name](hidden).to(result.dtype), alpha=self.scaling[name])
         return result
 
     def extra_repr(self) -> str:

@@ -167,6 +167,7 @@ def lora_from_peft(record: dict, tensors: dict[str, torch.Tensor]) -> LoraConfig
 
 EXPORTERS: dict[str, Callable[[nn.Module, MethodConfig, str], dict]] = {"lora": lora_to_peft, "dora": lora_to_peft}
 IMPORTERS: dict[str, Callable[[dict, dict[str, torch.Tensor]], MethodConfig]] = {"LORA": lora_from_peft}
+EXPORTERS["qlora"] = lora_to_peft  # PEFT stores QLoRA adapters as plain LORA; the 4-bit base is the model's
 # Methods whose PEFT keys are not module paths (own key -> PEFT key), and methods whose PEFT file holds
 # other tensors than their live state (e.g. folded prefixes): method -> (model, adapter name) -> state.
 KEY_MAPS: dict[str, Callable[[str], str]] = {}

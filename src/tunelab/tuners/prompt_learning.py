@@ -65,14 +65,6 @@ class PromptLearningLayer(BaseTunerLayer):
         super().__init__(None)
         object.__setattr__(self, "_owner", model)  # plain attribute: not a submodule (that would loop)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        raise AttributeError(f"{type(self).__name__} has no base layer and no weight")
-
-    @property
-    def bias(self) -> None:
-        raise AttributeError(f"{type(self).__name__} has no base layer and no bias")
-
     def running(self) -> list[str]:
         """The adapters whose virtual tokens go into this call (none while disabled)."""
         return [] if self.disabled else list(self.active_adapters)

@@ -101,7 +101,7 @@ def _modules_to_save(record: dict, tensors: dict[str, torch.Tensor]) -> list[str
     """The record's modules_to_save that the file really holds copies of (PEFT lists 'classifier' and 'score')."""
     paths = [key.removeprefix("base_model.") for key in tensors if key.startswith("base_model.")]
     names = [name for name in dict.fromkeys(record.get("modules_to_save") or [])
-             if any(f".{path}".startswith(f".{name}.") or f".{name}." in f".{path}" for path in paths)]
+             if any(f".{name}." in f".{path}" for path in paths)]
     return names or None
 
 
