@@ -99,6 +99,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def nf4_bits(model: torch.nn.Module) -> float:
+    """Bits per weight of the quantized layers, from their stored tensors."""
+    from tunelab.quant import NF4Linear
+
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    return 8 * sum(m.nbytes for m in layers) / sum(m.in_features * m.out_features for m in layers)
+
+
 def trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -134,6 +142,7 @@ def compare_time(shape: str, rounds: int, batch_size: int) -> dict:
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {
         "trainable_tunelab": trainable(a), "trainable_peft": trainable(b),
+        "nf4_bits_per_parameter": nf4_bits(a),
         "bytes": {"fp32": fp32_bytes, "bf16": fp32_bytes // 2, "tunelab_nf4": weight_bytes(a),
                   "bnb_linear4bit": weight_bytes(b)},
         "step_seconds": {name: sorted(values) for name, values in times.items()},
@@ -208,13 +217,16 @@ def markdown(results: dict) -> str:
              f"CPU, {THREADS} threads, LoRA r={LORA['r']} on every linear layer but the head, double quantization, "
              "fp32 compute. Ratios are ours / PEFT (median step time over alternating steps; peak RSS of a fresh "
              "subprocess during training).", "",
-             "| model | fp32 MiB | bf16 MiB | tunelab NF4 MiB | bnb Linear4bit MiB | trainable (ours / PEFT) "
-             "| step time ratio | train peak RSS ratio | process max RSS ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Weight MiB are the whole model (embeddings and head stay fp32); bits/weight counts the quantized "
+             "layers only.", "",
+             "| model | fp32 MiB | bf16 MiB | tunelab NF4 MiB | bnb Linear4bit MiB | NF4 bits/weight "
+             "| trainable (ours / PEFT) | step time ratio | train peak RSS ratio | process max RSS ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for shape, entry in results["models"].items():
         sizes = entry["bytes"]
         lines.append(f"| {shape} | {sizes['fp32'] / mib:.1f} | {sizes['bf16'] / mib:.1f} | "
                      f"{sizes['tunelab_nf4'] / mib:.1f} | {sizes['bnb_linear4bit'] / mib:.1f} | "
+                     f"{entry.get('nf4_bits_per_parameter', float('nan')):.3f} | "
                      f"{entry['trainable_tunelab']:,} / {entry['trainable_peft']:,} | {entry['time_ratio']:.2f} | "
                      f"{entry['memory']['train_peak_ratio']:.2f} | {entry['memory']['process_max_ratio']:.2f} |")
     if "quality" in results:

@@ -82,8 +82,9 @@ def markdown(result: dict) -> str:
         "from \"a photo of a\").", "",
         f"tiny-clip: {pre['parameters']:,} parameters, {pre['steps']} contrastive pretraining steps on clean "
         f"images of all 24 classes in {pre['seconds']:.0f} s; zero-shot accuracy on clean images "
-        f"{pre['zero_shot_base_clean']:.3f} (base) / {pre['zero_shot_novel_clean']:.3f} (novel). The task "
-        "images carry noise and background clutter (a distribution shift the prompts adapt to).", "",
+        f"{pre['zero_shot_base_clean']:.3f} (base) / {pre['zero_shot_novel_clean']:.3f} (novel) (pretraining time "
+        "measured on a heavily shared machine). The task images carry noise and background clutter: the "
+        "distribution shift that prompt learning can adapt to.", "",
         f"Total benchmark time {result['total_seconds']:.0f} s ({result['threads']} torch thread(s), shared "
         "machine: times are indicative only).", "", "![base / novel / HM](multimodal_base_novel.png)", "",
     ]
