@@ -194,13 +194,13 @@ def memory_subprocess(model_name: str, impl: str, method: str, steps: int) -> di
 
 def peak_memory_all(models: list[str], steps: int, workers: int) -> dict[tuple[str, str], dict]:
     """Every (model, method) case in fresh subprocesses (``workers`` at a time: RSS does not depend on timing)."""
-    keys = [(model, method, impl) for model in models for method in METHODS for impl in ("tunelab", "peft")]
+    keys = [(model, impl, method) for model in models for method in METHODS for impl in ("tunelab", "peft")]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = dict(zip(keys, pool.map(lambda key: memory_subprocess(*key, steps), keys), strict=True))
     summary = {}
     for model in models:
         for method in METHODS:
-            result = {impl: results[(model, method, impl)] for impl in ("tunelab", "peft")}
+            result = {impl: results[(model, impl, method)] for impl in ("tunelab", "peft")}
             peak = {impl: r["peak_rss_mb"] for impl, r in result.items()}
             training = {impl: r["training_peak_mb"] for impl, r in result.items()}
             over = {impl: r["training_peak_mb"] - r["ready_rss_mb"] for impl, r in result.items()}
@@ -301,7 +301,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(TARGETS))
     parser.add_argument("--threads", type=int, default=1,
                         help="1: on a shared, overloaded box two threads made steps 5-20x slower and erratic")
-    parser.add_argument("--steps-timed", type=int, default=9, help="timed training steps per implementation")
+    parser.add_argument("--steps-timed", type=int, default=25, help="timed training steps per implementation")
     parser.add_argument("--memory-workers", type=int, default=4, help="memory subprocesses at a time")
     args = parser.parse_args()
     if args.memory_case:
@@ -310,7 +310,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import peft
 
-    steps, repeats = (3, 5) if args.quick else (args.steps_timed, 25)
+    steps, repeats = (3, 5) if args.quick else (args.steps_timed, 41)
     started = time.perf_counter()
     memory = peak_memory_all(args.models, steps=1, workers=args.memory_workers)
     print(f"peak memory of {2 * len(memory)} subprocesses: {time.perf_counter() - started:.0f} s", flush=True)
@@ -320,7 +320,7 @@ def main() -> None:
         for method in METHODS:
             started = time.perf_counter()
             row = {"model": model_name, "method": method}
-            row.update(step_times(model_name, method, steps if small else max(3, steps // 2)))
+            row.update(step_times(model_name, method, steps if small else max(3, steps // 3)))
             row.update(latencies(model_name, method, repeats if small else max(5, repeats // 3)))
             row.update(memory[(model_name, method)])
             print(f"{model_name} {method}: time {row['time_ratio']:.3f}, memory {row['memory_ratio']:.3f}, "

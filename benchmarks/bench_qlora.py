@@ -197,13 +197,13 @@ def quality(steps: int, n_train: int, n_eval: int) -> dict:
     scores = {}
     for method in ("lora", "qlora"):
         model, tokenizer = zoo.load("tiny-llama", progress=False)
-        before = evaluate_task(model, tokenizer, eval_records, "summarization", progress=False) if method == "lora" else None
+        before = evaluate_task(model, tokenizer, eval_records, eval_records[0]["kind"], progress=False) if method == "lora" else None
         torch.manual_seed(0)
         tuners.apply(model, method, r=8, lora_alpha=16, target_modules="all-linear")
         config = TrainConfig(learning_rate=2e-3, max_steps=steps, batch_size=8, schedule="cosine", warmup_ratio=0.05,
                              eval_every=None, save_every=None, log_every=50, seed=0)
         result = train(model, train_records, collate.SFTCollator(tokenizer, max_length=256), config, progress=False)
-        metrics = evaluate_task(model, tokenizer, eval_records, "summarization", progress=False)
+        metrics = evaluate_task(model, tokenizer, eval_records, eval_records[0]["kind"], progress=False)
         scores[method] = {"rouge_l": metrics["score"], "final_train_loss": result.history[-1]["loss"],
                           "train_seconds": result.train_seconds}
         if before is not None:

@@ -55,7 +55,7 @@ class TinySpec:
     vocab_size: int = 2048  # enough for the world's vocabulary; keeps the embedding a small share
     block_size: int = 128  # pretraining context; fine-tuning may use up to max_positions
     max_positions: int = 512
-    steps: int = 300  # pretraining optimizer steps: about 100 s on 2 idle cores
+    steps: int = 400  # pretraining optimizer steps: about 2 minutes on 2 idle cores
     batch_size: int = 16
     learning_rate: float = 3e-3  # tiny models tolerate (and need) a large LR to learn in minutes
     n_documents: int = 6000
