@@ -195,7 +195,8 @@ def markdown(results: dict) -> str:
         f"causal-LM loss + AdamW, {results['threads']} threads; {results['versions']}.",
         f"Step time: median over {results['rounds']} alternating rounds of {results['steps_per_round']} steps of the "
         "per-round ratio. Memory: fresh subprocess per side; training peak = peak RSS during training (high-water "
-        "mark reset just before it), training memory = that peak minus the RSS before training.",
+        "mark reset just before it), training memory = that peak minus the RSS before training. Absolute s/step come "
+        "from a shared, heavily loaded machine and are noise; the alternating ratios are the result.",
         "",
         "| case | step time ratio (tunelab/PEFT) | tunelab s/step | PEFT s/step | training peak RSS ratio | "
         "training-memory ratio | tunelab training peak / +MiB | PEFT training peak / +MiB |",

@@ -14,7 +14,8 @@ Reported: LoRA's final eval loss ``L``; the first step at which each other run's
 
     TUNELAB_HOME=/tmp/tunelab_home_shared python benchmarks/loraplus_convergence.py
 
-Writes ``benchmarks/results/loraplus_convergence.json`` and ``.md``.
+Writes ``benchmarks/results/loraplus_convergence.json`` and ``.md`` (``--model random``:
+``loraplus_convergence_random.*``, the same shape randomly initialised, no pretraining needed).
 """
 
 from __future__ import annotations
@@ -125,8 +126,9 @@ def main() -> None:
               "loraplus_step_ratio": plus / args.steps if plus is not None else None,
               "torch": torch.__version__, "tunelab_home": os.environ["TUNELAB_HOME"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "loraplus_convergence.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / "loraplus_convergence.md").write_text(markdown(record))
+    stem = "loraplus_convergence" if args.model == "pretrained" else "loraplus_convergence_random"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(record))
     print(markdown(record))
 
 

@@ -160,7 +160,7 @@ def plot(table: dict, path: Path) -> None:
     axis.set_xticks(range(len(tasks)), [f"{t}\n({main_metric(t)})" for t in tasks])
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("test score")
-    axis.set_title("MiniLM: full FT vs prompt tuning vs P-Tuning v2")
+    axis.set_title("all-MiniLM-L6-v2: full FT, prompt tuning, P-Tuning v2", fontsize=9)
     axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -249,7 +249,7 @@ def test_corrupt_and_unsupported_adapters_are_refused(tmp_path) -> None:
         tuners.load(testing.tiny_llama(), tmp_path / "own")
     tuners.save(tuners.apply(testing.tiny_llama(), "lora", r=2), tmp_path / "peft", format="peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    for change, match in [({"lora_bias": True}, "lora_bias=True"), ({"peft_type": "IA3"}, "'IA3' .* not supported")]:
+    for change, match in [({"lora_bias": True}, "lora_bias=True"), ({"peft_type": "LOHA"}, "'LOHA' .* not supported")]:
         (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(MethodError, match=match):
             tuners.load(testing.tiny_llama(), tmp_path / "peft")
