@@ -40,14 +40,19 @@ def test_zoo_loads_the_cached_preset_without_retraining(pretrained_tiny_llama):
         assert model(input_ids=ids).logits.shape[-1] == len(tokenizer)
 
 
-def test_tokenizer_and_pretraining_are_deterministic(tmp_path):
-    first = tiny.pretrain("tiny-llama", home=tmp_path / "a", steps=2, progress=False)
-    second = tiny.pretrain("tiny-llama", home=tmp_path / "b", steps=2, progress=False)
-    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
-    from safetensors.torch import load_file
+def test_tokenizer_model_and_blocks_are_deterministic():
+    from tunelab.data import synthetic
 
-    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    docs = synthetic.corpus(domains=synthetic.DOMAINS, n_documents=300, seed=0)
+    first, second = tiny.train_tokenizer(docs, 600), tiny.train_tokenizer(docs, 600)
+    assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
+    assert torch.equal(tiny.pack_blocks(docs, first, 64), tiny.pack_blocks(docs, second, 64))
+    spec = tiny.TinySpec(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    a, b = tiny.build_model(spec, first, seed=3).state_dict(), tiny.build_model(spec, second, seed=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The unigram baseline is what the pretraining check compares against: a sanity value.
+    blocks = tiny.pack_blocks(docs, first, 64)
+    assert 1.0 < tiny.unigram_perplexity(blocks[:-4], blocks[-4:], len(first)) < len(first)
 
 
 def test_unknown_names_are_clear_errors(tmp_path):
@@ -88,7 +93,7 @@ def test_stories260k_loads_and_fine_tunes_with_lora(shared_dir):
     records = [{"prompt": "Tom has a red ball.", "response": "The ball is red."}] * 16
     collate = SFTCollator(tokenizer, max_length=64)
     before = {n: p.detach().clone() for n, p in tuners.trainable_parameters(model)}
-    result = train(model, records, collate, TrainConfig(max_steps=8, batch_size=4, learning_rate=1e-2,
+    result = train(model, records, collate, TrainConfig(max_steps=8, batch_size=4, learning_rate=1e-2, log_every=1,
                                                         eval_every=None, save_every=None), progress=False)
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert any(not torch.equal(before[n], p) for n, p in tuners.trainable_parameters(model))
