@@ -21,9 +21,19 @@ from torch import nn
 
 from tunelab.errors import MethodError
 from tunelab.multimodal import coop, maple, vpt
-from tunelab.tuners import bottleneck, compacter, dora, full, ia3, lora, multi_lora
-from tunelab.tuners import p_tuning_v2, prefix, prompt
-from tunelab.tuners import qlora
+from tunelab.tuners import (
+    bottleneck,
+    compacter,
+    dora,
+    full,
+    ia3,
+    lora,
+    multi_lora,
+    p_tuning_v2,
+    prefix,
+    prompt,
+    qlora,
+)
 from tunelab.tuners.base import MethodConfig, layer_adapter_state
 
 InjectFn = Callable[[nn.Module, MethodConfig, str], Any]
