@@ -243,7 +243,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--models", nargs="+", default=["tiny-llama-shape", "gpt2-small-shape"])
+    parser.add_argument("--models", nargs="*", default=["tiny-llama-shape", "gpt2-small-shape"])  # none: --quality only
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--quality-steps", type=int, default=150)
     parser.add_argument("--memory-case", nargs=3, metavar=("SHAPE", "CASE", "BATCH"))
