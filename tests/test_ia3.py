@@ -12,20 +12,13 @@ import copy
 
 import pytest
 import torch
+from parity_helpers import assert_parity, logits
 from transformers.pytorch_utils import Conv1D
 
 from tunelab import tuners
 from tunelab.errors import MethodError
 from tunelab.models import testing
 from tunelab.tuners.ia3 import IA3Layer
-
-PARITY_ATOL = 1e-5
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    model.eval()
-    return model(**batch).logits
 
 
 @torch.no_grad()
@@ -35,11 +28,6 @@ def randomize(named_parameters, seed: int = 0) -> None:
     for name, parameter in named_parameters:
         if "ia3_l" in name or "modules_to_save" in name:
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
-
-
-def assert_parity(ours: torch.Tensor, reference: torch.Tensor, base: torch.Tensor) -> None:
-    assert (reference - base).abs().max() > 1e-2 * base.abs().max(), "adapter had no effect: vacuous parity"
-    assert (ours - reference).abs().max().item() <= PARITY_ATOL
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from parity_helpers import logits
 from torch import nn
 
 from tunelab import tuners
@@ -14,12 +15,6 @@ from tunelab.models import testing
 from tunelab.tuners import multi_lora
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-@torch.no_grad()
-def logits(model: nn.Module, batch: dict) -> torch.Tensor:
-    model.eval()
-    return model(**batch).logits
 
 
 def two_adapters(ranks=(2, 4), rank_pattern_b=None) -> nn.Module:

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from parity_helpers import assert_parity, logits
 
 from tunelab import tuners
 from tunelab.models import testing
@@ -21,7 +22,6 @@ peft = pytest.importorskip("peft")
 
 pytestmark = pytest.mark.parity
 
-PARITY_ATOL = 1e-5
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,23 +34,12 @@ def one_thread():
 
 
 @torch.no_grad()
-def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    model.eval()
-    return model(**batch).logits
-
-
-@torch.no_grad()
 def randomize(named_parameters, seed: int = 0) -> None:
     """Random values for every LoRA B (so B A != 0) and every trainable head copy."""
     generator = torch.Generator().manual_seed(seed)
     for name, parameter in named_parameters:
         if "lora_B" in name or "modules_to_save" in name:
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
-
-
-def assert_parity(ours: torch.Tensor, reference: torch.Tensor, base: torch.Tensor) -> None:
-    assert (reference - base).abs().max() > 1e-2 * base.abs().max(), "adapter had no effect: vacuous parity"
-    assert (ours - reference).abs().max().item() <= PARITY_ATOL
 
 
 EXPORT_CASES = {

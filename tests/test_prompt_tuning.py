@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from parity_helpers import PARITY_ATOL, assert_parity
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertForTokenClassification, PreTrainedTokenizerFast
 
@@ -21,7 +22,6 @@ from tunelab.models import testing
 
 peft = pytest.importorskip("peft")
 
-PARITY_ATOL = 1e-5
 N = 3  # virtual tokens in most cases
 
 
@@ -33,11 +33,6 @@ def forward(model: torch.nn.Module, **batch):
 
 def strip(logits: torch.Tensor, n: int) -> torch.Tensor:
     return logits[:, n:] if logits.dim() == 3 else logits
-
-
-def assert_parity(ours: torch.Tensor, reference: torch.Tensor, base: torch.Tensor) -> None:
-    assert (reference - base).abs().max() > 1e-2 * base.abs().max(), "the prompt had no effect: vacuous parity"
-    assert (ours - reference).abs().max().item() <= PARITY_ATOL
 
 
 CASES = {

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from parity_helpers import logits
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -16,12 +17,6 @@ from tunelab.errors import MethodError
 from tunelab.models import testing
 from tunelab.quant import NF4Linear
 from tunelab.tuners import qlora
-
-
-def logits(model, batch):
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def perturbed(model, seed=1, scale=0.2):
