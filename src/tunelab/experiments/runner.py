@@ -73,21 +73,17 @@ def apply_method(model, spec: ExperimentSpec):
 
 def preflight(cells: list[Cell], progress: bool = True) -> None:
     """Fail fast, before anything is written: data, model and every method's options and targets."""
-    seen_data: set[str] = set()
+    labels_by_data: dict[str, list[str] | None] = {}
     base_cache: dict[str, Any] = {}
     seen_methods: set[str] = set()
     for cell in cells:
         spec = cell.spec
-        data_key = spec.data.model_dump_json()
-        if data_key not in seen_data:
-            _, _, _, labels = build_splits(spec.data, spec.objective)
-            seen_data.add(data_key)
-        else:
-            labels = None
+        data_key = f"{spec.objective}/{spec.data.model_dump_json()}"
+        if data_key not in labels_by_data:
+            labels_by_data[data_key] = build_splits(spec.data, spec.objective)[3]
+        labels = labels_by_data[data_key]
         model_key = f"{spec.model.name}/{spec.model.seed}/{spec.objective}"
         if model_key not in base_cache:
-            if labels is None:
-                _, _, _, labels = build_splits(spec.data, spec.objective)
             base_cache[model_key] = load_model_for(spec, labels, progress=progress)[0]
         method_key = f"{model_key}/{spec.method.name}/{json.dumps(spec.method.options, sort_keys=True, default=str)}"
         if method_key not in seen_methods:
