@@ -75,6 +75,20 @@ def test_dequantize_keeps_shape_dtype_and_zero_blocks() -> None:
     assert quantized.dequantize(torch.float32).dtype == torch.float32
 
 
+def test_workspace_dequantize_equals_owned_and_is_reused() -> None:
+    """The scratch-buffer path (used by the training matmul) decodes the same values; a later call
+    reuses the buffer, which is why only a caller that is done with the weight may ask for it."""
+    first, second = quantize_nf4(weights((96, 64), seed=1)), quantize_nf4(weights((33, 17), seed=2))
+    owned_first, owned_second = first.dequantize(), second.dequantize()
+    scratch_first = first.dequantize(workspace=True)
+    torch.testing.assert_close(scratch_first, owned_first, rtol=0, atol=0)
+    scratch_second = second.dequantize(workspace=True)
+    torch.testing.assert_close(scratch_second, owned_second, rtol=0, atol=0)
+    assert scratch_second.untyped_storage().data_ptr() == scratch_first.untyped_storage().data_ptr()
+    assert first.dequantize().untyped_storage().data_ptr() != scratch_first.untyped_storage().data_ptr()
+    torch.testing.assert_close(first.dequantize(torch.bfloat16, workspace=True), owned_first.bfloat16(), rtol=0, atol=0)
+
+
 def test_bits_per_parameter_measured_from_the_stored_tensors() -> None:
     weight = weights((688, 256))  # tiny-llama's MLP projection: 2752 blocks of 64
     plain = quantize_nf4(weight, double_quant=False)

@@ -26,11 +26,14 @@ the block absmax, rounds with ``bucketize`` against the midpoints of the codeboo
 lower code, as bitsandbytes) and packs two codes per byte, the first in the high nibble. With
 ``double_quant`` the absmax vector goes through :func:`_quantize_blockwise_8bit`. The result is an
 :class:`NF4Tensor`; ``dequantize()`` decodes a byte into its two code values with one 256-entry
-table lookup and multiplies by the block constants.
+table lookup and multiplies by the block constants in place. Training dequantizes every targeted
+weight twice per step (forward and backward, like bitsandbytes) into a reused per-thread scratch
+buffer, so the full-precision weights never accumulate and no step allocates weight-sized memory.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, fields
 from functools import cache
 
@@ -80,6 +83,21 @@ def _pair_table(device: torch.device) -> torch.Tensor:
     byte = torch.arange(256, device=device)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=-1)  # (256, 2) float32: high, low nibble
     return pairs.view(torch.float64).view(256)  # (256,) reinterpretation, no rounding
+
+
+_SCRATCH = threading.local()  # per-thread reusable buffers for dequantize(workspace=True)
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``(numel,)`` view of a per-thread buffer that only grows (largest layer seen so far)."""
+    key = (name, dtype, device)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 @dataclass(eq=False)
@@ -135,17 +153,31 @@ class NF4Tensor:
         """The unpacked 4-bit codes, ``(n,)`` uint8 in 0..15 (row-major order of the weight)."""
         return torch.stack([self.packed >> 4, self.packed & 15], dim=-1).view(-1)[: self.numel()]
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``c_b * NF4[q_i]`` in the original shape, as ``dtype`` (default: the original dtype)."""
-        n, blocksize = self.numel(), self.blocksize
-        values = _pair_table(self.packed.device).index_select(0, self.packed.int()).view(torch.float32)  # (n_even,)
+    def dequantize(self, dtype: torch.dtype | None = None, workspace: bool = False) -> torch.Tensor:
+        """``c_b * NF4[q_i]`` in the original shape, as ``dtype`` (default: the original dtype).
+
+        One table lookup writes both codes of a byte as one float64 word, then the block constants
+        multiply in place: two passes and one ``(n,)`` allocation. With ``workspace=True`` the float32
+        result lives in a per-thread scratch buffer reused by the next call (no allocation, no page
+        faults): only for a caller that is done with it before dequantizing again (the matmul below).
+        """
+        blocksize, n_pairs = self.blocksize, self.packed.numel()
         scales = self.block_scales()  # (n_blocks,)
-        padded = scales.numel() * blocksize
-        if values.numel() != padded:
-            values = torch.nn.functional.pad(values, (0, padded - values.numel()))
-        weight = (values.view(-1, blocksize) * scales[:, None]).view(-1)  # (n_blocks * blocksize,)
-        weight = weight if padded == n else weight[:n]
-        return weight.view(self.shape).to(dtype or self.dtype)
+        padded = scales.numel() * blocksize  # >= numel, even (blocksizes are even)
+        table = _pair_table(self.packed.device)
+        if workspace:
+            words = _scratch("words", padded // 2, torch.float64, self.packed.device)
+            index = _scratch("index", n_pairs, torch.int32, self.packed.device).copy_(self.packed)
+        else:
+            words = torch.empty(padded // 2, dtype=torch.float64, device=self.packed.device)
+            index = self.packed.int()
+        torch.index_select(table, 0, index, out=words[:n_pairs])
+        values = words.view(torch.float32)  # (padded,)
+        values[2 * n_pairs:].zero_()  # padding of the last block, if any
+        values.view(-1, blocksize).mul_(scales[:, None])
+        weight = values[: self.numel()].view(self.shape)
+        target = dtype or self.dtype
+        return weight if target == torch.float32 else weight.to(target)
 
     def to(self, device: torch.device | str) -> NF4Tensor:
         """A copy on ``device`` (the codes never change dtype)."""
@@ -253,13 +285,13 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
         ctx.layer = layer
-        return torch.nn.functional.linear(x, layer.dense_weight(x.dtype))  # (..., out)
+        return torch.nn.functional.linear(x, layer.dense_weight(x.dtype, workspace=True))  # (..., out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None  # e.g. the first layer: its input comes from a frozen embedding
-        return grad @ ctx.layer.dense_weight(grad.dtype), None  # (..., out) @ (out, in)
+        return grad @ ctx.layer.dense_weight(grad.dtype, workspace=True), None  # (..., out) @ (out, in)
 
 
 class NF4Linear(torch.nn.Module):
@@ -307,12 +339,16 @@ class NF4Linear(torch.nn.Module):
         """Bytes of the 4-bit weight's storage (the bias is counted with the other float parameters)."""
         return self.quantized.nbytes
 
-    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The ``(out, in)`` weight in full precision: the merged one if set, else dequantized codes."""
+    def dense_weight(self, dtype: torch.dtype | None = None, workspace: bool = False) -> torch.Tensor:
+        """The ``(out, in)`` weight in full precision: the merged one if set, else dequantized codes.
+
+        ``workspace=True``: the result may be a scratch buffer overwritten by the next call (see
+        :meth:`NF4Tensor.dequantize`); the matmul uses it, anything that keeps the weight must not.
+        """
         dtype = dtype or COMPUTE_DTYPES[self.compute_dtype]
         if self.merged_weight is not None:
             return self.merged_weight.to(dtype)
-        return self.quantized.dequantize(dtype)
+        return self.quantized.dequantize(dtype, workspace=workspace)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = COMPUTE_DTYPES[self.compute_dtype]
