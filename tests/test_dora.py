@@ -90,6 +90,55 @@ def test_norm_is_detached_in_the_gradient() -> None:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("small_factor", [False, True])  # True: some |g| < 1e-3, u is kept instead of h
+def test_fused_scale_gradients_equal_autograd(with_bias: bool, small_factor: bool) -> None:
+    """DoraScale rebuilds u - b = (h - b) / g in backward; gradcheck in float64 on both paths."""
+    generator = torch.Generator().manual_seed(3)
+    result, lora_out = (torch.randn(2, 3, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+                        for _ in range(2))
+    magnitude = (torch.rand(6, generator=generator, dtype=torch.float64) + 0.5).requires_grad_(True)
+    norm = torch.rand(6, generator=generator, dtype=torch.float64) + 0.5
+    if small_factor:
+        with torch.no_grad():
+            magnitude[2] = 1e-5
+    bias = torch.randn(6, generator=generator, dtype=torch.float64) if with_bias else None
+    torch.autograd.gradcheck(lambda r, o, m: dora.DoraScale.apply(r, o, 0.7, m, norm, bias),
+                             (result, lora_out, magnitude))
+    out = dora.DoraScale.apply(result, lora_out, 0.7, magnitude, norm, bias)
+    g = magnitude / norm
+    expected = g * (result + 0.7 * lora_out) + (0 if bias is None else (1 - g) * bias)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for backward, parameters excluded."""
+    storages: dict[int, int] = {}
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x).sum()
+    return sum(size for pointer, size in storages.items() if pointer not in parameters)
+
+
+def test_dora_keeps_no_activation_beyond_lora_when_the_next_op_keeps_the_output() -> None:
+    """The layer keeps its output h, which SiLU keeps anyway: LoRA's saved bytes plus two (out,)
+    vectors (g and the norm), while the plain autograd formulation keeps one more (tokens, out) tensor."""
+    def build(method: str) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.SiLU(), nn.Linear(64, 8))
+        return tuners.apply(model, method, r=4, lora_alpha=8, target_modules=["0"]).train()
+
+    x = torch.randn(16, 32, requires_grad=True)
+    extra = saved_activation_bytes(build("dora"), x) - saved_activation_bytes(build("lora"), x)
+    assert extra == 2 * 64 * 4  # g and the norm; a kept u would add 16 * 64 * 4 bytes
+
+
 def test_norm_follows_training_steps() -> None:
     """The cached norm must be recomputed after every optimizer step (A and B changed)."""
     model = tuners.apply(testing.toy_mlp(), "dora", r=4, lora_alpha=8, target_modules=["up"])

@@ -21,13 +21,16 @@ gradient reaches ``m`` and, through the direction's numerator, ``A`` and ``B``, 
      |                      |
      +---------(+)----------+
                 |                          g = m / ||W + s B A||_row   (detached norm)
-          b + g * (.)                      (one (..., out) tensor kept for backward)
+          b + g * (.)                      (DoraScale: keeps h, not u, for backward)
 
 How the code maps to it. DoRA is LoRA plus a :class:`DoraVariant` per adapter and layer (HF PEFT's
 design): the variant adds ``lora_magnitude_vector[name]`` (PEFT's name, so PEFT's file keys match)
 and computes ``h = b + g * ((result - b) + s B A x)`` where ``result`` is the output so far (the base
 output plus adapters earlier in the active list, exactly as PEFT composes them). With dropout in
 training, PEFT's rule: ``h = result + (g - 1) W d + g s B A d`` with ``d = dropout(x)``.
+Without dropout the last step is one autograd function, :class:`DoraScale`, that keeps the layer's
+output for backward instead of ``u = result + s B A x`` (``dL/dm`` needs ``u - b = (h - b) / g``): the
+next operation usually keeps ``h`` anyway, so DoRA then adds no activation memory over LoRA.
 
 The norm without the dense ``(out, in)`` temporary (HF PEFT materialises ``W + s B A`` and an
 identity matrix every forward). Row ``i`` of ``W + s B A`` squared:
@@ -58,6 +61,7 @@ from tunelab.tuners import lora
 from tunelab.tuners.lora import LoraConfig, LoraLayer
 
 DENSE_RANK_FRACTION = 0.25  # r above this fraction of min(in, out): the dense norm does less work
+MIN_RECONSTRUCT_FACTOR = 1e-3  # |g| below this anywhere: keep u for backward instead of dividing by g
 
 
 class DoraConfig(LoraConfig):
@@ -93,6 +97,46 @@ def row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s
 
 def _tensor_key(tensor: torch.Tensor) -> tuple:
     return tensor.data_ptr(), tensor._version, tensor.device, tensor.dtype
+
+
+class DoraScale(torch.autograd.Function):
+    """``h = g u + (1 - g) b`` with ``u = result + s lora_out`` and ``g = m / norm`` (norm detached).
+
+    Backward needs ``u - b`` only for ``dL/dm = sum_tokens dL/dh (u - b) / norm``. Autograd's
+    ``addcmul`` would keep ``u``, one ``(..., out)`` tensor per layer. Here the *output* ``h`` is kept
+    instead and ``u - b = (h - b) / g`` is rebuilt in backward: when the next operation also keeps
+    ``h`` (attention keeps its q/k/v, SiLU and GELU their input, the gated product both factors),
+    the two share one tensor and DoRA costs no activation memory over LoRA in that layer. If some
+    ``g`` is near zero (the division would lose precision) ``u`` is kept, as autograd would.
+    A model that modifies a projection's output in place afterwards makes backward fail with
+    PyTorch's "modified by an inplace operation" error: use dropout (the other path) there.
+    """
+
+    @staticmethod
+    def forward(ctx, result: torch.Tensor, lora_out: torch.Tensor, scaling: float, magnitude: torch.Tensor,
+                norm: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        update = torch.add(result, lora_out, alpha=scaling)  # (..., out)
+        g = magnitude / norm  # (out,)
+        out = g * update if bias is None else torch.addcmul((1 - g) * bias, g, update)
+        ctx.keep_output = bool((g.abs() >= MIN_RECONSTRUCT_FACTOR).all())
+        ctx.scaling = scaling
+        ctx.save_for_backward(out if ctx.keep_output else update, g, norm, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        kept, g, norm, bias = ctx.saved_tensors
+        if ctx.keep_output:
+            shifted = kept if bias is None else kept - bias
+            shifted = shifted / g  # (..., out) u - b
+        else:
+            shifted = kept if bias is None else kept - bias
+        grad_update = grad * g  # (..., out)
+        grad_magnitude = None
+        if ctx.needs_input_grad[3]:
+            grad_magnitude = (grad * shifted).reshape(-1, grad.shape[-1]).sum(dim=0) / norm  # (out,)
+        grad_lora = grad_update * ctx.scaling if ctx.needs_input_grad[1] else None
+        return (grad_update if ctx.needs_input_grad[0] else None), grad_lora, None, grad_magnitude, None, None
 
 
 class DoraVariant:
@@ -152,14 +196,16 @@ class DoraVariant:
     def forward(self, layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
         dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
-        g = self.factor(layer, name)  # (out,)
+        magnitude, norm = layer.lora_magnitude_vector[name], self.weight_norm(layer, name)  # (out,) each
         x = x.to(lora_A.weight.dtype)
         if isinstance(dropout, nn.Identity) or not layer.training:
-            # b + g (result - b + s B A x) = g (result + s B A x) + (1 - g) b: two passes over (..., out)
-            update = torch.add(result.to(g.dtype), lora_B(lora_A(x)), alpha=scaling)  # (..., out)
+            # b + g (result - b + s B A x): one fused op that keeps only its output for backward
+            lora_out = lora_B(lora_A(x))  # (..., out), scaled inside
             bias = layer.base_layer.bias
-            out = g * update if bias is None else torch.addcmul((1 - g) * bias.to(g.dtype), g, update)
+            bias = None if bias is None else bias.to(norm.dtype)
+            out = DoraScale.apply(result.to(norm.dtype), lora_out, scaling, magnitude, norm, bias)
             return out.to(result.dtype)
+        g = magnitude / norm  # (out,)
         dropped = dropout(x)
         base = F.linear(dropped, layer.get_base_weight().to(g.dtype))  # (..., out) W d, no bias
         # result + (g - 1) W d + g s B A d = (result - W d) + g (W d + s B A d)
