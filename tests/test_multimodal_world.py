@@ -140,6 +140,21 @@ def test_pretrain_caches_atomically_and_deterministically(tmp_path, monkeypatch)
     assert "tiny-clip" in zoo.PRESETS
 
 
+def test_cli_pretrain_reports_the_cached_tiny_clip(tmp_path, monkeypatch, capsys) -> None:
+    from tunelab.cli import main
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+    clip.pretrain(seed=0, progress=False, spec=SMALL)  # cached: the CLI reads it instead of pretraining
+    assert main(["pretrain", "tiny-clip"]) == 0
+    out = capsys.readouterr().out
+    report = clip.pretrain_report()
+    assert "tiny-clip:" in out and f"{report['parameters']:,} parameters" in out
+    assert f"novel {report['zero_shot_novel_task']:.3f}" in out
+    assert main(["pretrain", "tiny-bert"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: unknown tiny preset 'tiny-bert'") and "tiny-clip" in error and "\n" not in error
+
+
 @pytest.mark.parametrize("shots", [2])
 def test_protocol_task_holds_base_training_and_both_test_sets(shots: int) -> None:
     from tunelab.multimodal import protocol

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ModelError, TunelabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="tunelab: fine-tune transformer LMs with PEFT methods and compare them in one command.")
@@ -97,13 +97,24 @@ def methods() -> None:
 
 @app.command()
 def pretrain(
-    name: Annotated[str, typer.Argument(help="Tiny preset: tiny-llama or tiny-llama-teacher.")] = "tiny-llama",
+    name: Annotated[str, typer.Argument(help="Tiny preset: tiny-llama, tiny-llama-teacher or tiny-clip.")] = "tiny-llama",
     seed: int = 0,
     force: Annotated[bool, typer.Option(help="Pretrain again even if cached.")] = False,
 ) -> None:
-    """Pretrain a tiny preset on the built-in general-domain corpus and cache it under $TUNELAB_HOME."""
+    """Pretrain a tiny preset on the built-in world and cache it under $TUNELAB_HOME."""
     from tunelab.models import tiny
 
+    if name not in (*tiny.PRESETS, "tiny-clip"):
+        raise ModelError(f"unknown tiny preset {name!r}; choose one of: {', '.join((*tiny.PRESETS, 'tiny-clip'))}")
+    if name == "tiny-clip":
+        from tunelab.multimodal import clip
+
+        path = clip.pretrain(seed=seed, progress=True, force=force)
+        info = clip.pretrain_report(seed)
+        console.print(f"{name}: {info['parameters']:,} parameters, zero-shot accuracy base "
+                      f"{info['zero_shot_base_task']:.3f} / novel {info['zero_shot_novel_task']:.3f}, "
+                      f"{info['seconds']:.0f} s → {path}")
+        return
     path = tiny.pretrain(name, seed=seed, progress=True, force=force)
     info = tiny.pretrain_report(name, seed)
     console.print(f"{name}: {info['parameters']:,} parameters, held-out perplexity {info['heldout_perplexity']:.2f} "
