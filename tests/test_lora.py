@@ -16,15 +16,6 @@ from tunelab.tuners.lora import LoraLayer
 from tunelab.tuners.modules_to_save import ModulesToSaveLayer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add synchronisation on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def randomize_lora(model: nn.Module, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)

@@ -24,15 +24,6 @@ pytestmark = pytest.mark.parity
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add synchronisation on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def randomize(named_parameters, seed: int = 0) -> None:
     """Random values for every LoRA B (so B A != 0) and every trainable head copy."""

@@ -33,14 +33,6 @@ WORKER = Path(__file__).with_name("_resume_worker.py")
 TIMING_KEYS = {"tokens_per_s", "elapsed_s"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _worker(output_dir: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(WORKER), str(output_dir), *args],

@@ -21,15 +21,6 @@ from tunelab.train.profile import count_tokens, inference_latency
 from tunelab.train.schedules import EpochSampler, lr_multiplier, make_scheduler, resolve_warmup_steps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models run fastest on one thread, and the suite shares two cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- tiny models and data
 class Regressor(nn.Module):
     """y = w·x + b with an MSE loss, returned HF-style as ``.loss``."""

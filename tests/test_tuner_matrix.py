@@ -18,15 +18,6 @@ from tunelab.errors import MethodError
 from tunelab.models import testing
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add synchronisation (10-50x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass(frozen=True)
 class Capabilities:
     init_is_base: bool = True  # output right after apply equals the base model's
