@@ -126,15 +126,13 @@ class DoraScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         kept, g, norm, bias = ctx.saved_tensors
-        if ctx.keep_output:
-            shifted = kept if bias is None else kept - bias
-            shifted = shifted / g  # (..., out) u - b
-        else:
-            shifted = kept if bias is None else kept - bias
-        grad_update = grad * g  # (..., out)
         grad_magnitude = None
         if ctx.needs_input_grad[3]:
-            grad_magnitude = (grad * shifted).reshape(-1, grad.shape[-1]).sum(dim=0) / norm  # (out,)
+            shifted = kept if bias is None else kept - bias  # (..., out): h - b = g (u - b), or u - b
+            grad_g = (grad * shifted).reshape(-1, grad.shape[-1]).sum(dim=0)  # (out,)
+            # dL/dm = sum_t dL/dh (u - b) / norm; with h kept, divide the (out,) sum by g, not every token
+            grad_magnitude = (grad_g / g if ctx.keep_output else grad_g) / norm
+        grad_update = grad * g  # (..., out)
         grad_lora = grad_update * ctx.scaling if ctx.needs_input_grad[1] else None
         return (grad_update if ctx.needs_input_grad[0] else None), grad_lora, None, grad_magnitude, None, None
 
