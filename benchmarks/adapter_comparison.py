@@ -2,7 +2,8 @@
 
 MiniLM (the real all-MiniLM-L6-v2, offline) on the built-in world's two understanding tasks,
 ``domain_classification`` (4 classes) and ``urgency`` (3 classes), all domains; a few hundred training
-examples, a short training, 3 seeds per (method, task). Every adapter method trains the new
+examples, three training budgets (30, 60 and 150 steps: how fast each method learns, and where it
+ends), 3 seeds per (method, task, budget). Every adapter method trains the new
 classification head in full (``modules_to_save=["classifier"]``), so the methods differ only in how
 they adapt the encoder. Learning rates are the usual ones per family (adapters ~1e-3, full FT 5e-5).
 
@@ -10,7 +11,7 @@ Writes ``results/adapter_comparison.{json,md}`` and ``results/adapter_comparison
 trainable parameters, log scale), plus the parameter budget of each method on MiniLM and on a
 BERT-base-shaped model (built on the meta device: no weights, exact counts).
 
-    python benchmarks/adapter_comparison.py [--steps 30] [--seeds 0 1 2] [--jobs 2]
+    python benchmarks/adapter_comparison.py [--steps 30 60 150] [--seeds 0 1 2] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -104,36 +105,43 @@ def parameter_budget() -> list[dict]:
     return rows
 
 
-def summarize(cells: list[dict]) -> list[dict]:
+def summarize(cells: list[dict], budgets: list[int]) -> list[dict]:
+    """One row per method: trainable counts and ``row[(task, steps)] = (mean, std)`` over seeds."""
     rows = []
     for label in METHODS:
-        row = {"method": label}
-        for task in TASKS:
-            scores = [c["accuracy"] for c in cells if c["method"] == label and c["task"] == task]
-            if scores:
-                row[task] = (statistics.mean(scores), statistics.pstdev(scores))
         mine = [c for c in cells if c["method"] == label]
-        if mine:
-            row["trainable"] = mine[0]["trainable"]
-            row["percent"] = mine[0]["trainable_percent"]
-            row["seconds"] = statistics.median(c["train_seconds"] for c in mine)
-            rows.append(row)
+        if not mine:
+            continue
+        row = {"method": label, "trainable": mine[0]["trainable"], "percent": mine[0]["trainable_percent"]}
+        for steps in budgets:
+            for task in TASKS:
+                scores = [c["accuracy"] for c in mine if c["task"] == task and c["config"]["steps"] == steps]
+                if scores:
+                    row[(task, steps)] = (statistics.mean(scores), statistics.pstdev(scores))
+            seconds = [c["train_seconds"] for c in mine if c["config"]["steps"] == steps]
+            if seconds:
+                row[("seconds", steps)] = statistics.median(seconds)
+        rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict], budget: list[dict], args: argparse.Namespace, wall: float) -> str:
+    columns = [(task, steps) for task in TASKS for steps in args.steps]
     lines = ["# Adapter comparison on MiniLM (all-MiniLM-L6-v2)", "",
              f"Built-in world, domain='all'; {args.train} training / {args.test} test examples per domain (x4 domains) "
-             "per task, "
-             f"{args.steps} steps of batch 16, max length {MAX_LENGTH}, seeds {args.seeds}; accuracy mean ± std over seeds. "
-             "Trainable counts include the 4-class head (1.5k) for every method. "
-             f"Summed training time of all cells {wall / 60:.1f} min on a shared 2-core CPU ({args.jobs} worker processes, "
+             f"per task, batch 16, max length {MAX_LENGTH}, seeds {args.seeds}; test accuracy mean ± std over seeds "
+             f"after {' / '.join(map(str, args.steps))} training steps (each budget is its own run with its own "
+             "linear schedule). Trainable counts include the 4-class head (1.5k) for every method. "
+             f"Summed training time of all cells {wall / 60:.1f} min on a 2-core CPU ({args.jobs} worker processes, "
              f"{args.threads} thread each).", "",
-             "| method | trainable | % of model | " + " | ".join(TASKS) + " | median train s |",
-             "|---|---:|---:|" + "---:|" * len(TASKS) + "---:|"]
+             "| method | trainable | % of model | " + " | ".join(f"{t} @{n}" for t, n in columns)
+             + " | median train s @" + str(args.steps[-1]) + " |",
+             "|---|---:|---:|" + "---:|" * len(columns) + "---:|"]
     for row in rows:
-        scores = " | ".join(f"{row[t][0]:.3f} ± {row[t][1]:.3f}" if t in row else "—" for t in TASKS)
-        lines.append(f"| {row['method']} | {row['trainable']:,} | {row['percent']:.3f} | {scores} | {row['seconds']:.0f} |")
+        scores = " | ".join(f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if c in row else "—" for c in columns)
+        seconds = row.get(("seconds", args.steps[-1]))
+        lines.append(f"| {row['method']} | {row['trainable']:,} | {row['percent']:.3f} | {scores} | "
+                     f"{'—' if seconds is None else f'{seconds:.0f}'} |")
     shapes = [key for key in budget[0] if key != "method"]
     lines += ["", "## Parameter budget (exact counts, 4-class head included; encoder-only % in brackets)", "",
               "| method | " + " | ".join(shapes) + " |", "|---|" + "---:|" * len(shapes)]
@@ -145,24 +153,32 @@ def markdown(rows: list[dict], budget: list[dict], args: argparse.Namespace, wal
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], budgets: list[int], path: Path) -> None:
+    """Accuracy vs trainable parameters (log), one panel per task, one colour per step budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 4), sharey=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, task in zip(axes, TASKS, strict=True):
-        for row in rows:
-            if task in row:
-                axis.errorbar(row["trainable"], row[task][0], yerr=row[task][1], fmt="o", capsize=3)
-                axis.annotate(row["method"], (row["trainable"], row[task][0]), textcoords="offset points",
-                              xytext=(4, 4), fontsize=8)
+        for index, steps in enumerate(budgets):
+            points = [(row["trainable"], *row[(task, steps)], row["method"]) for row in rows if (task, steps) in row]
+            if not points:
+                continue
+            xs, means, stds, labels = zip(*points, strict=True)
+            axis.errorbar(xs, means, yerr=stds, fmt="o", capsize=3, color=colours[index % len(colours)],
+                          label=f"{steps} steps")
+            if index == 0:
+                for x, mean, label in zip(xs, means, labels, strict=True):
+                    axis.annotate(label, (x, mean), textcoords="offset points", xytext=(4, -10), fontsize=8)
         axis.set_xscale("log")
         axis.set_xlabel("trainable parameters (log)")
         axis.set_ylabel("test accuracy")
         axis.set_title(f"MiniLM · {task}")
         axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -170,21 +186,22 @@ def plot(rows: list[dict], path: Path) -> None:
 CELLS = RESULTS / "adapter_comparison_cells.jsonl"  # one line per finished (method, task, seed)
 
 
-def cell_config(args: argparse.Namespace) -> dict:
-    return {"steps": args.steps, "train": args.train, "test": args.test}
+def cell_config(args: argparse.Namespace, steps: int) -> dict:
+    return {"steps": steps, "train": args.train, "test": args.test}
 
 
 def read_cells(args: argparse.Namespace) -> list[dict]:
-    """Finished cells of this configuration (a rerun continues where the last one stopped)."""
+    """Finished cells of these configurations (a rerun continues where the last one stopped)."""
     if not CELLS.is_file():
         return []
     cells = [json.loads(line) for line in CELLS.read_text().splitlines() if line.strip()]
-    return [c for c in cells if c.get("config") == cell_config(args)]
+    wanted = [cell_config(args, steps) for steps in args.steps]
+    return [c for c in cells if c.get("config") in wanted]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, nargs="+", default=[30, 60, 150], help="training budgets to compare")
     parser.add_argument("--train", type=int, default=240)
     parser.add_argument("--test", type=int, default=120)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -193,24 +210,29 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from the finished cells")
     args = parser.parse_args()
+    args.steps = sorted(set(args.steps))
     RESULTS.mkdir(exist_ok=True)
-    done = {(c["method"], c["task"], c["seed"]): c for c in read_cells(args)}  # finished cells are skipped
-    jobs = [(label, task, seed, args.steps, args.train, args.test, args.threads)
-            for seed in args.seeds for task in TASKS for label in args.methods if (label, task, seed) not in done]
+    done = {(c["config"]["steps"], c["method"], c["task"], c["seed"]): c for c in read_cells(args)}  # skipped
+    jobs = [(label, task, seed, steps, args.train, args.test, args.threads)
+            for steps in args.steps for seed in args.seeds for task in TASKS for label in args.methods
+            if (steps, label, task, seed) not in done]
     if jobs and not args.report_only:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for cell in pool.map(run_cell, *zip(*jobs, strict=True)):
-                done[(cell["method"], cell["task"], cell["seed"])] = cell
+            for job, cell in zip(jobs, pool.map(run_cell, *zip(*jobs, strict=True)), strict=True):
+                cell = {**cell, "config": cell_config(args, job[3])}
+                done[(job[3], cell["method"], cell["task"], cell["seed"])] = cell
                 with CELLS.open("a") as handle:
-                    handle.write(json.dumps({**cell, "config": cell_config(args)}) + "\n")
+                    handle.write(json.dumps(cell) + "\n")
                 print(json.dumps(cell), flush=True)
     cells = [c for c in done.values() if c["method"] in args.methods and c["seed"] in args.seeds]
     wall = sum(c["train_seconds"] for c in cells)  # cells may come from several invocations
-    rows, budget = summarize(cells), parameter_budget()
-    payload = {"args": vars(args), "wall_seconds": wall, "cells": cells, "summary": rows, "parameter_budget": budget}
+    rows, budget = summarize(cells, args.steps), parameter_budget()
+    summary = [{key if isinstance(key, str) else f"{key[0]}@{key[1]}": value for key, value in row.items()}
+               for row in rows]
+    payload = {"args": vars(args), "wall_seconds": wall, "cells": cells, "summary": summary, "parameter_budget": budget}
     (RESULTS / "adapter_comparison.json").write_text(json.dumps(payload, indent=2))
     (RESULTS / "adapter_comparison.md").write_text(markdown(rows, budget, args, wall))
-    plot(rows, RESULTS / "adapter_comparison.png")
+    plot(rows, args.steps, RESULTS / "adapter_comparison.png")
     print(markdown(rows, budget, args, wall))
 
 
