@@ -3,8 +3,9 @@
 Measured, per model (a tiny-llama-shaped Llama and a GPT-2-small-shaped GPT-2, both random) and
 method (LoRA, DoRA; r = 8, alpha = 16, every linear layer of the blocks):
 
-- training step time, ours / PEFT: forward + backward + AdamW step, the two alternating in one
-  process (who goes first alternates too), median over steps;
+- training step time, ours / PEFT: forward + backward + AdamW step; several rounds, each in a fresh
+  process that builds both sides (build order alternating) and times alternating steps; the median
+  of the per-round ratios (``benchmarks/_timing.py`` says why one process is not enough);
 - peak memory, ours / PEFT: each case in a fresh subprocess (the same imports in every case, so the
   baseline is equal), max RSS after a few training steps; also the increment over the loaded model;
 - inference latency (eval, no grad): base model, ours unmerged, ours merged, PEFT unmerged,
@@ -108,35 +109,41 @@ class Trainer:
 # --------------------------------------------------------------------------------------- measures
 
 
-def step_times(model_name: str, method: str, steps: int) -> dict:
+def time_round(model_name: str, method: str, steps: int, order: list[str]) -> dict[str, float]:
+    """One timing round (run in a fresh process): both sides built in ``order``; median step seconds."""
+    from _timing import time_round as run_round
+
     base = build_base(model_name)
     batch = make_batch(model_name, base.config.vocab_size)
-    trainers = {impl: Trainer(tune(copy.deepcopy(base), model_name, impl, method), batch)
+    builders = {impl: (lambda impl=impl: Trainer(tune(copy.deepcopy(base), model_name, impl, method), batch).step)
                 for impl in ("tunelab", "peft")}
-    counts = {impl: trainable_count(t.model) for impl, t in trainers.items()}
-    times: dict[str, list[float]] = {"tunelab": [], "peft": []}
-    for impl in trainers:  # warm-up (allocator, first-call overheads)
-        trainers[impl].step()
-    for index in range(steps):
-        order = ("tunelab", "peft") if index % 2 == 0 else ("peft", "tunelab")
-        for impl in order:
-            times[impl].append(trainers[impl].step())
-    medians = {impl: statistics.median(values) for impl, values in times.items()}
-    return {"step_ms": {k: 1000 * v for k, v in medians.items()}, "time_ratio": medians["tunelab"] / medians["peft"],
-            "trainable": counts, "trainable_equal": counts["tunelab"] == counts["peft"], "steps": steps}
+    return run_round(builders, order, steps)
+
+
+def step_times(model_name: str, method: str, steps: int, rounds: int, threads: int) -> dict:
+    """Median over ``rounds`` fresh processes of the per-round step-time ratio (see ``_timing``)."""
+    from _timing import alternating_rounds, python_command
+
+    base = build_base(model_name)
+    counts = {impl: trainable_count(tune(copy.deepcopy(base), model_name, impl, method)) for impl in ("tunelab", "peft")}
+    command = python_command(__file__, "--time-case", model_name, method, "--steps-timed", str(steps),
+                             "--threads", str(threads))
+    return {**alternating_rounds(command, rounds), "trainable": counts,
+            "trainable_equal": counts["tunelab"] == counts["peft"], "steps": steps}
 
 
 @torch.no_grad()
 def latencies(model_name: str, method: str, repeats: int) -> dict:
     from tunelab import tuners
 
-    base = build_base(model_name).eval()
+    original = build_base(model_name).eval()
+    base = copy.deepcopy(original)  # every variant is a copy: same allocation history for all weights
     batch = {"input_ids": make_batch(model_name, base.config.vocab_size)["input_ids"]}
-    ours = tune(copy.deepcopy(base), model_name, "tunelab", method).eval()
-    merged = tune(copy.deepcopy(base), model_name, "tunelab", method).eval()
+    ours = tune(copy.deepcopy(original), model_name, "tunelab", method).eval()
+    merged = tune(copy.deepcopy(original), model_name, "tunelab", method).eval()
     tuners.merge(merged)
-    unloaded = tuners.unload(tune(copy.deepcopy(base), model_name, "tunelab", method), merge=True).eval()
-    reference = tune(copy.deepcopy(base), model_name, "peft", method).eval()
+    unloaded = tuners.unload(tune(copy.deepcopy(original), model_name, "tunelab", method), merge=True).eval()
+    reference = tune(copy.deepcopy(original), model_name, "peft", method).eval()
     variants = {"base": base, "tunelab_unmerged": ours, "tunelab_merged": merged, "tunelab_merged_unloaded": unloaded,
                 "peft_unmerged": reference}
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -260,7 +267,9 @@ def markdown(record: dict) -> str:
              f"torch {record['versions']['torch']}, peft {record['versions']['peft']}, "
              f"{record['versions']['threads']} threads, {record['versions']['machine']}. "
              f"r = {RANK}, alpha = {ALPHA}, every linear layer of the blocks. Ratios are ours / PEFT "
-             "(lower is better); medians of alternating runs.", "",
+             "(lower is better). Step time: median over fresh-process rounds of the per-round ratio "
+             "(each round: both sides built, build order alternating, median of alternating steps); "
+             "latency: medians of alternating calls in one process.", "",
              "| model | method | step time ratio | peak RSS ratio (process) | training-phase peak ratio | "
              "training increment ratio | trainable (ours = PEFT) | merged / base latency | "
              "merged + unloaded / base | unmerged / base | unmerged ours / PEFT |",
@@ -282,15 +291,15 @@ def markdown(record: dict) -> str:
     timed = ", ".join(f"{m} {b}x{t}" for m, (b, t) in BATCH.items())
     lines += ["", f"Timed steps use batch x tokens {timed}; memory runs use {shapes} (one training step, "
               "after the model is loaded the peak is reset for the training-phase columns).", "",
-              "Reading the targets: the machine was shared (load average "
-              f"{record['versions'].get('load_average', ['?'])[0]:.0f} on 2 cores), and repeated runs of the "
-              "same case moved time ratios by about +-0.05, so ratios within that of a target are a tie, "
-              "not a miss or a win. The process peak RSS includes the frozen weights and the libraries, "
-              "identical for both implementations; DoRA changes only the training increment (saved "
-              "activations and temporaries: one (tokens, out) tensor per layer instead of PEFT's two, no "
-              "dense out x in norm temporaries), so its whole-process ratio cannot reach 0.8 while the "
-              "frozen model dominates the footprint. Merged latency uses tunelab's wrappers with the "
-              "adapters folded in; merge + unload gives the bare base modules back."]
+              f"Load average when the run ended: {record['versions'].get('load_average', ['?'])[0]:.2f} on 2 cores. "
+              "Per-round step-time ratios (the spread is the measurement noise): "
+              + "; ".join(f"{row['model']} {row['method']} " + ", ".join(f"{r:.3f}" for r in row["round_ratios"])
+                          for row in record["cases"]) + ".", "",
+              "The process peak RSS includes the frozen weights and the libraries, identical for both "
+              "implementations. DoRA changes only the training increment: tunelab keeps the layer output for "
+              "backward (shared with the next operation's saved input) instead of PEFT's two (tokens, out) "
+              "tensors, and builds no dense out x in temporaries for the norm. Merged latency uses tunelab's "
+              "wrappers with the adapters folded in; merge + unload gives the bare base modules back."]
     lines += ["", "DoRA weight norm alone (GPT-2-small shapes, r = 8): PEFT's dense formula vs tunelab's factored one.",
               "", "| shape (out, in) | time ratio ours / PEFT | PEFT ms | ours ms | largest temporaries PEFT / ours |"
               " relative difference |", "|---|---|---|---|---|---|"]
@@ -310,13 +319,21 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(TARGETS))
     parser.add_argument("--threads", type=int, default=1,
                         help="1: on a shared, overloaded box two threads made steps 5-20x slower and erratic")
-    parser.add_argument("--steps-timed", type=int, default=25, help="timed training steps per implementation")
+    parser.add_argument("--steps-timed", type=int, default=12, help="timed training steps per side and round")
     parser.add_argument("--memory-workers", type=int, default=4, help="memory subprocesses at a time")
+    parser.add_argument("--large-divisor", type=int, default=2,
+                        help="GPT-2-small shape: timed steps and latency repeats divided by this (1: as many as tiny)")
+    parser.add_argument("--rounds", type=int, default=6, help="fresh processes per step-time comparison")
+    parser.add_argument("--time-case", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--time-round", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_case:
         print(json.dumps(memory_case(*args.memory_case, steps=args.steps)))
         return
     torch.set_num_threads(args.threads)
+    if args.time_round:
+        print(json.dumps(time_round(*args.time_case, args.steps_timed, args.time_round.split(","))))
+        return
     import peft
 
     steps, repeats = (3, 5) if args.quick else (args.steps_timed, 41)
@@ -329,8 +346,9 @@ def main() -> None:
         for method in METHODS:
             started = time.perf_counter()
             row = {"model": model_name, "method": method}
-            row.update(step_times(model_name, method, steps if small else max(3, steps // 3)))
-            row.update(latencies(model_name, method, repeats if small else max(5, repeats // 3)))
+            row.update(step_times(model_name, method, steps if small else max(3, steps // args.large_divisor),
+                                  3 if args.quick else args.rounds, args.threads))
+            row.update(latencies(model_name, method, repeats if small else max(5, repeats // args.large_divisor)))
             row.update(memory[(model_name, method)])
             print(f"{model_name} {method}: time {row['time_ratio']:.3f}, memory {row['memory_ratio']:.3f}, "
                   f"merged/base {row['merged_over_base']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -3,15 +3,16 @@
 Both sides train the same adapter (same geometry, same seeded base model) on the same batches of a
 random Llama (causal LM loss). Target: ratio (tunelab / PEFT) <= 1.0 for both.
 
-- Step time: one process holds both models; rounds alternate tunelab and PEFT (A B A B ...), each
-  round times ``--steps`` optimizer steps; the reported ratio is the median over rounds of
-  ``time(tunelab) / time(PEFT)`` (absolute times on a shared machine are noise, ratios are not).
+- Step time: ``--rounds`` fresh processes; each builds both sides (the build order alternates between
+  rounds) and times ``--steps`` alternating optimizer steps per side; the reported ratio is the median
+  over rounds of ``median(tunelab) / median(PEFT)`` (``benchmarks/_timing.py`` says why one process
+  is not enough).
 - Peak memory: each case runs in a fresh subprocess that builds the model, applies the method and
   trains; it reports ``ru_maxrss`` (peak RSS) and the peak above the RSS measured just before training
   (what the method adds). Both sides import torch, transformers, peft and tunelab, so the baselines
   match.
 
-    python benchmarks/bench_prompt_methods.py [--rounds 7 --steps 5 --threads 2]
+    python benchmarks/bench_prompt_methods.py [--rounds 6 --steps 12 --threads 1]
 
 Writes ``benchmarks/results/bench_prompt_methods.{json,md}``.
 """
@@ -22,7 +23,6 @@ import argparse
 import copy
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -134,35 +134,48 @@ def measure_memory(case: str, steps: int, threads: int) -> dict:
     return out
 
 
-def measure_time(case: str, rounds: int, steps: int) -> dict:
+def time_round(case: str, steps: int, order: list[str]) -> dict[str, float]:
+    """One timing round (a fresh process): both sides built in ``order``; median seconds per step."""
+    from _timing import time_round as run_round
+
     base, data = build_base(), batch()
-    sides = {side: make(side, case, base) for side in ("tunelab", "peft")}
-    for model, optimizer in sides.values():
-        run_steps(model, optimizer, data, 1)  # warm-up (allocator, lazy init)
-    times = {"tunelab": [], "peft": []}
-    for index in range(rounds):
-        order = ("tunelab", "peft") if index % 2 == 0 else ("peft", "tunelab")
-        for side in order:
-            times[side].append(run_steps(*sides[side], data, steps) / steps)
-    ratios = [ours / theirs for ours, theirs in zip(times["tunelab"], times["peft"], strict=True)]
-    return {"median_ratio": statistics.median(ratios), "ratios": ratios,
-            "tunelab_step_s": statistics.median(times["tunelab"]), "peft_step_s": statistics.median(times["peft"])}
+
+    def builder(side: str):
+        model, optimizer = make(side, case, base)
+        return lambda: run_steps(model, optimizer, data, 1)
+
+    return run_round({side: (lambda side=side: builder(side)) for side in ("tunelab", "peft")}, order, steps)
+
+
+def measure_time(case: str, rounds: int, steps: int, threads: int) -> dict:
+    """Median over ``rounds`` fresh processes of the per-round step-time ratio (see ``_timing``)."""
+    from _timing import alternating_rounds, python_command
+
+    result = alternating_rounds(python_command(__file__, "--time-case", case, "--steps", str(steps),
+                                               "--threads", str(threads)), rounds)
+    return {"median_ratio": result["time_ratio"], "ratios": result["round_ratios"],
+            "tunelab_step_s": result["step_ms"]["tunelab"] / 1000, "peft_step_s": result["step_ms"]["peft"] / 1000}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6, help="fresh processes per step-time comparison")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per side and round")
     parser.add_argument("--memory-steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-only", action="store_true",
                         help="re-measure memory only, keeping the step times of the existing results file")
+    parser.add_argument("--time-case", choices=list(CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--time-round", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import peft
     import torch
     import transformers
 
     torch.set_num_threads(args.threads)
+    if args.time_round:
+        print(json.dumps(time_round(args.time_case, args.steps, args.time_round.split(","))))
+        return
     results = {"shape": SHAPE, "rounds": args.rounds, "steps_per_round": args.steps, "threads": args.threads,
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "peft": peft.__version__}, "cases": {}}
@@ -170,7 +183,7 @@ def main() -> None:
     if previous:
         results.update({key: previous[key] for key in ("rounds", "steps_per_round")})
     for case in CASES:
-        timing = previous["cases"][case]["time"] if previous else measure_time(case, args.rounds, args.steps)
+        timing = previous["cases"][case]["time"] if previous else measure_time(case, args.rounds, args.steps, args.threads)
         memory = measure_memory(case, args.memory_steps, args.threads)
         results["cases"][case] = {"time": timing, "memory": memory,
                                   "peak_ratio": memory["tunelab"]["peak_mib"] / memory["peft"]["peak_mib"],
@@ -193,10 +206,13 @@ def markdown(results: dict) -> str:
         f"Random Llama (hidden {shape['hidden']}, {shape['layers']} layers, {shape['heads']} heads / "
         f"{shape['kv_heads']} KV heads, vocab {shape['vocab']}), batch {shape['batch']} x {shape['seq']} tokens, "
         f"causal-LM loss + AdamW, {results['threads']} threads; {results['versions']}.",
-        f"Step time: median over {results['rounds']} alternating rounds of {results['steps_per_round']} steps of the "
-        "per-round ratio. Memory: fresh subprocess per side; training peak = peak RSS during training (high-water "
-        "mark reset just before it), training memory = that peak minus the RSS before training. Absolute s/step come "
-        "from a shared, heavily loaded machine and are noise; the alternating ratios are the result.",
+        f"Step time: median over {results['rounds']} rounds of the per-round ratio; each round is a fresh process "
+        f"that builds both sides (build order alternating) and times {results['steps_per_round']} alternating steps "
+        "per side (median). Memory: fresh subprocess per side; training peak = peak RSS during training (high-water "
+        "mark reset just before it), training memory = that peak minus the RSS before training.",
+        "",
+        "Per-round step-time ratios: " + "; ".join(f"{case} " + ", ".join(f"{r:.3f}" for r in row["time"]["ratios"])
+                                                   for case, row in results["cases"].items()) + ".",
         "",
         "| case | step time ratio (tunelab/PEFT) | tunelab s/step | PEFT s/step | training peak RSS ratio | "
         "training-memory ratio | tunelab training peak / +MiB | PEFT training peak / +MiB |",

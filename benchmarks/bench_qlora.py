@@ -4,9 +4,10 @@ Per model shape (a tiny-llama-shaped Llama and a GPT-2-small-shaped random model
 
 - weight bytes: fp32, bf16, tunelab NF4 (double quant) and bitsandbytes Linear4bit (double quant),
   counted from the stored tensors (tied weights once);
-- training step time, ours / PEFT: both models in this process, same base weights, LoRA r=8 on every
-  linear layer but the head, same batch, AdamW; steps alternate A, B, A, B and the ratio of medians
-  is reported;
+- training step time, ours / PEFT: same base weights, LoRA r=8 on every linear layer but the head,
+  same batch, AdamW; ``--rounds`` fresh processes, each building both sides (build order alternating)
+  and timing ``--steps`` alternating steps; the median of the per-round ratios of medians
+  (``benchmarks/_timing.py`` says why one process is not enough);
 - peak memory, ours / PEFT: each case in a fresh subprocess; ``VmHWM`` (peak RSS) is reset after the
   model is built and quantized, so the number is the training peak (also reported: process max RSS);
 - trainable parameter counts (must be equal).
@@ -14,14 +15,13 @@ Per model shape (a tiny-llama-shaped Llama and a GPT-2-small-shaped random model
 ``--quality`` also fine-tunes the pretrained tiny-llama on medical summarization with LoRA (fp32 base)
 and QLoRA (NF4 base), same config, and reports ROUGE-L on held-out records.
 
-    python benchmarks/bench_qlora.py [--rounds 5] [--quality]
+    python benchmarks/bench_qlora.py [--rounds 6] [--steps 10] [--quality]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -125,29 +125,40 @@ def step_fn(model: torch.nn.Module, batch: dict):
     return step
 
 
-def compare_time(shape: str, rounds: int, batch_size: int) -> dict:
+def time_round(shape: str, batch_size: int, steps: int, order: list[str]) -> dict[str, float]:
+    """One timing round (a fresh process): both sides built in ``order``; median seconds per step."""
+    import copy
+
+    from _timing import time_round as run_round
+
+    base = build(shape)
+
+    def builder(side: str):
+        model = ours(copy.deepcopy(base)) if side == "tunelab" else peft_bnb(copy.deepcopy(base))
+        return step_fn(model, batch_for(model, batch_size))
+
+    return run_round({side: (lambda side=side: builder(side)) for side in ("tunelab", "peft")}, order, steps)
+
+
+def compare_time(shape: str, rounds: int, batch_size: int, steps: int) -> dict:
+    """Sizes and trainable counts here; step time as the median of fresh-process rounds (``_timing``)."""
+    from _timing import alternating_rounds, python_command
+
     base = build(shape)
     fp32_bytes = weight_bytes(base)
     import copy
 
     a, b = ours(copy.deepcopy(base)), peft_bnb(base)
-    batch = batch_for(a, batch_size)
-    steps = {"tunelab": step_fn(a, batch), "peft": step_fn(b, batch)}
-    times = {name: [] for name in steps}
-    for step in steps.values():
-        step()  # warm-up (allocator, first-call overheads)
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times[name].append(step())
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    timing = alternating_rounds(python_command(__file__, "--time-case", shape, str(batch_size), "--steps",
+                                               str(steps)), rounds)
     return {
         "trainable_tunelab": trainable(a), "trainable_peft": trainable(b),
         "nf4_bits_per_parameter": nf4_bits(a),
         "bytes": {"fp32": fp32_bytes, "bf16": fp32_bytes // 2, "tunelab_nf4": weight_bytes(a),
                   "bnb_linear4bit": weight_bytes(b)},
-        "step_seconds": {name: sorted(values) for name, values in times.items()},
-        "median_step_seconds": medians, "time_ratio": medians["tunelab"] / medians["peft"],
-        "tokens_per_step": batch["input_ids"].numel(),
+        "median_step_seconds": {side: ms / 1000 for side, ms in timing["step_ms"].items()},
+        "round_ratios": timing["round_ratios"], "time_ratio": timing["time_ratio"],
+        "tokens_per_step": batch_for(a, batch_size)["input_ids"].numel(),
     }
 
 
@@ -215,8 +226,9 @@ def markdown(results: dict) -> str:
     mib = 1024 * 1024
     lines = ["# QLoRA: tunelab NF4 vs HF PEFT + bitsandbytes Linear4bit", "",
              f"CPU, {THREADS} threads, LoRA r={LORA['r']} on every linear layer but the head, double quantization, "
-             "fp32 compute. Ratios are ours / PEFT (median step time over alternating steps; peak RSS of a fresh "
-             "subprocess during training).", "",
+             "fp32 compute. Ratios are ours / PEFT: step time is the median over fresh-process rounds of the per-round "
+             "ratio (each round builds both sides, build order alternating, and times alternating steps); memory is "
+             "the peak RSS of a fresh subprocess during training.", "",
              "Weight MiB are the whole model (embeddings and head stay fp32); bits/weight counts the quantized "
              "layers only.", "",
              "| model | fp32 MiB | bf16 MiB | tunelab NF4 MiB | bnb Linear4bit MiB | NF4 bits/weight "
@@ -229,6 +241,10 @@ def markdown(results: dict) -> str:
                      f"{entry.get('nf4_bits_per_parameter', float('nan')):.3f} | "
                      f"{entry['trainable_tunelab']:,} / {entry['trainable_peft']:,} | {entry['time_ratio']:.2f} | "
                      f"{entry['memory']['train_peak_ratio']:.2f} | {entry['memory']['process_max_ratio']:.2f} |")
+    rounds = [f"{shape} " + ", ".join(f"{r:.3f}" for r in entry["round_ratios"])
+              for shape, entry in results["models"].items() if "round_ratios" in entry]
+    if rounds:
+        lines += ["", "Per-round step-time ratios (the spread is the measurement noise): " + "; ".join(rounds) + "."]
     if "quality" in results:
         q = results["quality"]
         lines += ["", f"## Quality: {q['task']}, pretrained tiny-llama, {q['steps']} steps, "
@@ -242,24 +258,31 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6, help="fresh processes per step-time comparison")
     parser.add_argument("--models", nargs="*", default=["tiny-llama-shape", "gpt2-small-shape"])  # none: --quality only
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--quality-steps", type=int, default=150)
     parser.add_argument("--memory-case", nargs=3, metavar=("SHAPE", "CASE", "BATCH"))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per side and round")
+    parser.add_argument("--time-case", nargs=2, metavar=("SHAPE", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--time-round", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_case:
         shape, case, batch_size = args.memory_case
         print(json.dumps(memory_case(shape, case, int(batch_size))))
         return
     torch.set_num_threads(THREADS)
+    if args.time_round:
+        shape, batch_size = args.time_case
+        print(json.dumps(time_round(shape, int(batch_size), args.steps, args.time_round.split(","))))
+        return
     results_path = RESULTS / "qlora.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"models": {}}
     results["environment"] = {"torch": torch.__version__, "threads": THREADS, "bitsandbytes": _version("bitsandbytes"),
                               "peft": _version("peft")}
     for shape in args.models:
         batch_size = 4 if shape == "tiny-llama-shape" else 2
-        entry = compare_time(shape, args.rounds, batch_size)
+        entry = compare_time(shape, args.rounds, batch_size, args.steps)
         entry["memory"] = compare_memory(shape, batch_size)
         results["models"][shape] = entry
         print(shape, json.dumps({k: entry[k] for k in ("time_ratio", "trainable_tunelab", "trainable_peft")}),
