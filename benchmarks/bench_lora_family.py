@@ -8,8 +8,9 @@ method (LoRA, DoRA; r = 8, alpha = 16, every linear layer of the blocks):
   of the per-round ratios (``benchmarks/_timing.py`` says why one process is not enough);
 - peak memory, ours / PEFT: each case in a fresh subprocess (the same imports in every case, so the
   baseline is equal), max RSS after a few training steps; also the increment over the loaded model;
-- inference latency (eval, no grad): base model, ours unmerged, ours merged, PEFT unmerged,
-  alternating; merged / base is the "merging costs nothing" check;
+- inference latency (eval, no grad): base model, ours unmerged, ours merged, PEFT unmerged, in
+  fresh-process rounds (calls alternating within a round); merged / base is the "merging costs
+  nothing" check;
 - trainable parameter counts (must equal PEFT's);
 - the DoRA norm alone: PEFT's dense ``||W + s B A||`` (identity trick, dense sum) against tunelab's
   factored formula, time and the size of the largest temporary.
@@ -132,34 +133,65 @@ def step_times(model_name: str, method: str, steps: int, rounds: int, threads: i
             "trainable_equal": counts["tunelab"] == counts["peft"], "steps": steps}
 
 
+def _merged(model):
+    from tunelab import tuners
+
+    tuners.merge(model)
+    return model
+
+
 @torch.no_grad()
-def latencies(model_name: str, method: str, repeats: int) -> dict:
+def latency_round(model_name: str, method: str, repeats: int, reverse: bool) -> dict[str, float]:
+    """One latency round (a fresh process): median ms per eval forward of every variant.
+
+    Variants: the base model, ours unmerged, ours merged (wrappers kept), ours merged and unloaded
+    (bare modules), PEFT unmerged; every one is a deep copy of the same base, built in list order
+    (reversed when ``reverse``), called in alternating order.
+    """
     from tunelab import tuners
 
     original = build_base(model_name).eval()
-    base = copy.deepcopy(original)  # every variant is a copy: same allocation history for all weights
-    batch = {"input_ids": make_batch(model_name, base.config.vocab_size)["input_ids"]}
-    ours = tune(copy.deepcopy(original), model_name, "tunelab", method).eval()
-    merged = tune(copy.deepcopy(original), model_name, "tunelab", method).eval()
-    tuners.merge(merged)
-    unloaded = tuners.unload(tune(copy.deepcopy(original), model_name, "tunelab", method), merge=True).eval()
-    reference = tune(copy.deepcopy(original), model_name, "peft", method).eval()
-    variants = {"base": base, "tunelab_unmerged": ours, "tunelab_merged": merged, "tunelab_merged_unloaded": unloaded,
-                "peft_unmerged": reference}
+    batch = {"input_ids": make_batch(model_name, original.config.vocab_size)["input_ids"]}
+    builders = {
+        "base": lambda: copy.deepcopy(original),
+        "tunelab_unmerged": lambda: tune(copy.deepcopy(original), model_name, "tunelab", method),
+        "tunelab_merged": lambda: _merged(tune(copy.deepcopy(original), model_name, "tunelab", method)),
+        "tunelab_merged_unloaded": lambda: tuners.unload(tune(copy.deepcopy(original), model_name, "tunelab", method),
+                                                         merge=True),
+        "peft_unmerged": lambda: tune(copy.deepcopy(original), model_name, "peft", method),
+    }
+    names = list(builders)[::-1] if reverse else list(builders)
+    variants = {name: builders[name]().eval() for name in names}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for model in variants.values():
         model(**batch)  # warm-up
     for index in range(repeats):
-        names = list(variants) if index % 2 == 0 else list(reversed(variants))
-        for name in names:
+        for name in names if index % 2 == 0 else names[::-1]:
             started = time.perf_counter()
             variants[name](**batch)
             times[name].append(time.perf_counter() - started)
-    ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
-    return {"latency_ms": ms, "merged_over_base": ms["tunelab_merged"] / ms["base"],
-            "merged_unloaded_over_base": ms["tunelab_merged_unloaded"] / ms["base"],
-            "unmerged_over_base": ms["tunelab_unmerged"] / ms["base"],
-            "unmerged_over_peft_unmerged": ms["tunelab_unmerged"] / ms["peft_unmerged"], "repeats": repeats}
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+
+
+def latencies(model_name: str, method: str, repeats: int, rounds: int, threads: int) -> dict:
+    """Per-round latency ratios from fresh processes (build order alternating); medians over rounds."""
+    per_round = []
+    for index in range(rounds):
+        command = [sys.executable, __file__, "--latency-case", model_name, method, "--repeats", str(repeats),
+                   "--threads", str(threads)] + (["--reverse"] if index % 2 else [])
+        completed = subprocess.run(command, capture_output=True, text=True, check=True)
+        per_round.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+
+    def ratio(name: str, reference: str) -> float:
+        return statistics.median(r[name] / r[reference] for r in per_round)
+
+    ms = {name: statistics.median(r[name] for r in per_round) for name in per_round[0]}
+    return {"latency_ms": ms, "merged_over_base": ratio("tunelab_merged", "base"),
+            "merged_unloaded_over_base": ratio("tunelab_merged_unloaded", "base"),
+            "unmerged_over_base": ratio("tunelab_unmerged", "base"),
+            "unmerged_over_peft_unmerged": ratio("tunelab_unmerged", "peft_unmerged"),
+            "merged_over_base_rounds": [r["tunelab_merged"] / r["base"] for r in per_round],
+            "repeats": repeats, "latency_rounds": rounds}
 
 
 def status_mb(field: str) -> float:
@@ -193,10 +225,19 @@ def memory_case(model_name: str, impl: str, method: str, steps: int) -> dict:
             "ready_rss_mb": ready, "training_peak_mb": status_mb("VmHWM")}
 
 
-def memory_subprocess(model_name: str, impl: str, method: str, steps: int) -> dict:
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # fixed threshold: freed large tensors go back to the OS
+
+
+def memory_subprocess(model_name: str, impl: str, method: str, steps: int, repeats: int = 3) -> dict:
+    """Median over ``repeats`` fresh processes (glibc's dynamic mmap threshold made single runs of the
+    same case differ by up to 20 %; a fixed threshold and the median make RSS track live tensors)."""
     command = [sys.executable, __file__, "--memory-case", model_name, impl, method, "--steps", str(steps)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeats):
+        completed = subprocess.run(command, capture_output=True, text=True, check=True,
+                                   env={**os.environ, **MALLOC_ENV})
+        runs.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def peak_memory_all(models: list[str], steps: int, workers: int) -> dict[tuple[str, str], dict]:
@@ -269,7 +310,8 @@ def markdown(record: dict) -> str:
              f"r = {RANK}, alpha = {ALPHA}, every linear layer of the blocks. Ratios are ours / PEFT "
              "(lower is better). Step time: median over fresh-process rounds of the per-round ratio "
              "(each round: both sides built, build order alternating, median of alternating steps); "
-             "latency: medians of alternating calls in one process.", "",
+             "latency: median over fresh-process rounds of the per-round ratio (alternating calls within a round); "
+             "memory: median of 3 fresh processes per case.", "",
              "| model | method | step time ratio | peak RSS ratio (process) | training-phase peak ratio | "
              "training increment ratio | trainable (ours = PEFT) | merged / base latency | "
              "merged + unloaded / base | unmerged / base | unmerged ours / PEFT |",
@@ -326,6 +368,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="fresh processes per step-time comparison")
     parser.add_argument("--time-case", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--time-round", help=argparse.SUPPRESS)
+    parser.add_argument("--latency-case", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=21, help="latency calls per variant and round")
+    parser.add_argument("--reverse", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_case:
         print(json.dumps(memory_case(*args.memory_case, steps=args.steps)))
@@ -334,9 +379,12 @@ def main() -> None:
     if args.time_round:
         print(json.dumps(time_round(*args.time_case, args.steps_timed, args.time_round.split(","))))
         return
+    if args.latency_case:
+        print(json.dumps(latency_round(*args.latency_case, args.repeats, args.reverse)))
+        return
     import peft
 
-    steps, repeats = (3, 5) if args.quick else (args.steps_timed, 41)
+    steps, repeats = (3, 5) if args.quick else (args.steps_timed, args.repeats)
     started = time.perf_counter()
     memory = peak_memory_all(args.models, steps=1, workers=args.memory_workers)
     print(f"peak memory of {2 * len(memory)} subprocesses: {time.perf_counter() - started:.0f} s", flush=True)
@@ -348,7 +396,8 @@ def main() -> None:
             row = {"model": model_name, "method": method}
             row.update(step_times(model_name, method, steps if small else max(3, steps // args.large_divisor),
                                   3 if args.quick else args.rounds, args.threads))
-            row.update(latencies(model_name, method, repeats if small else max(5, repeats // args.large_divisor)))
+            row.update(latencies(model_name, method, repeats if small else max(5, repeats // args.large_divisor),
+                                 3 if args.quick else args.rounds, args.threads))
             row.update(memory[(model_name, method)])
             print(f"{model_name} {method}: time {row['time_ratio']:.3f}, memory {row['memory_ratio']:.3f}, "
                   f"merged/base {row['merged_over_base']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
