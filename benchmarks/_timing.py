@@ -43,6 +43,14 @@ def time_round(builders: dict[str, Callable[[], Callable[[], float | None]]], or
     return {side: statistics.median(values) for side, values in times.items()}
 
 
+def run_json(command: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``command``; its last stdout line is JSON. A failure raises with the command's stderr tail."""
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
+    if completed.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed: {' '.join(command)}\n{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 def alternating_rounds(command: list[str], rounds: int) -> dict:
     """Run ``command + ["--time-round", order]`` in ``rounds`` fresh processes (the order alternates).
 
@@ -52,10 +60,7 @@ def alternating_rounds(command: list[str], rounds: int) -> dict:
     ratios, steps = [], {side: [] for side in SIDES}
     for index in range(rounds):
         order = ",".join(SIDES if index % 2 == 0 else SIDES[::-1])
-        completed = subprocess.run([*command, "--time-round", order], capture_output=True, text=True)
-        if completed.returncode != 0:
-            raise RuntimeError(f"timing round failed: {' '.join(command)}\n{completed.stderr[-2000:]}")
-        medians = json.loads(completed.stdout.strip().splitlines()[-1])
+        medians = run_json([*command, "--time-round", order])
         ratios.append(medians["tunelab"] / medians["peft"])
         for side in SIDES:
             steps[side].append(medians[side])

@@ -16,7 +16,6 @@ import copy
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,9 +75,10 @@ def memory_child(kind: str, steps: int, threads: int) -> None:
 
 
 def peak_memory(kind: str, steps: int, threads: int) -> int:
-    output = subprocess.run([sys.executable, __file__, "--memory-child", kind, "--steps", str(steps),
-                             "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])["max_rss_kib"]
+    from _timing import run_json
+
+    return run_json([sys.executable, __file__, "--memory-child", kind, "--steps", str(steps),
+                     "--threads", str(threads)])["max_rss_kib"]
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -175,12 +174,11 @@ def latency_round(model_name: str, method: str, repeats: int, reverse: bool) -> 
 
 def latencies(model_name: str, method: str, repeats: int, rounds: int, threads: int) -> dict:
     """Per-round latency ratios from fresh processes (build order alternating); medians over rounds."""
-    per_round = []
-    for index in range(rounds):
-        command = [sys.executable, __file__, "--latency-case", model_name, method, "--repeats", str(repeats),
-                   "--threads", str(threads)] + (["--reverse"] if index % 2 else [])
-        completed = subprocess.run(command, capture_output=True, text=True, check=True)
-        per_round.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    from _timing import run_json
+
+    command = [sys.executable, __file__, "--latency-case", model_name, method, "--repeats", str(repeats),
+               "--threads", str(threads)]
+    per_round = [run_json(command + (["--reverse"] if index % 2 else [])) for index in range(rounds)]
 
     def ratio(name: str, reference: str) -> float:
         return statistics.median(r[name] / r[reference] for r in per_round)
@@ -231,12 +229,10 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # fixed threshold: freed larg
 def memory_subprocess(model_name: str, impl: str, method: str, steps: int, repeats: int = 3) -> dict:
     """Median over ``repeats`` fresh processes (glibc's dynamic mmap threshold made single runs of the
     same case differ by up to 20 %; a fixed threshold and the median make RSS track live tensors)."""
+    from _timing import run_json
+
     command = [sys.executable, __file__, "--memory-case", model_name, impl, method, "--steps", str(steps)]
-    runs = []
-    for _ in range(repeats):
-        completed = subprocess.run(command, capture_output=True, text=True, check=True,
-                                   env={**os.environ, **MALLOC_ENV})
-        runs.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    runs = [run_json(command, env={**os.environ, **MALLOC_ENV}) for _ in range(repeats)]
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 

@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,12 +124,13 @@ def memory_child(side: str, case: str, steps: int, threads: int) -> None:
 
 
 def measure_memory(case: str, steps: int, threads: int) -> dict:
+    from _timing import run_json
+
     out = {}
     for side in ("tunelab", "peft"):
         code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_prompt_methods as b; "
                 f"b.memory_child({side!r}, {case!r}, {steps}, {threads})")
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        out[side] = json.loads(result.stdout.strip().splitlines()[-1])
+        out[side] = run_json([sys.executable, "-c", code])
     return out
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -185,11 +184,11 @@ def _vm_hwm_kib() -> int:
 
 
 def compare_memory(shape: str, batch_size: int) -> dict:
+    from _timing import run_json
+
     result = {}
     for case in ("tunelab", "peft"):
-        output = subprocess.run([sys.executable, __file__, "--memory-case", shape, case, str(batch_size)],
-                                capture_output=True, text=True, check=True)
-        result[case] = json.loads(output.stdout.strip().splitlines()[-1])
+        result[case] = run_json([sys.executable, __file__, "--memory-case", shape, case, str(batch_size)])
     result["train_peak_ratio"] = result["tunelab"]["train_peak_rss_mib"] / result["peft"]["train_peak_rss_mib"]
     result["process_max_ratio"] = result["tunelab"]["process_max_rss_mib"] / result["peft"]["process_max_rss_mib"]
     return result

@@ -104,8 +104,9 @@ def pretrain(
     """Pretrain a tiny preset on the built-in world and cache it under $TUNELAB_HOME."""
     from tunelab.models import tiny
 
-    if name not in (*tiny.PRESETS, "tiny-clip"):
-        raise ModelError(f"unknown tiny preset {name!r}; choose one of: {', '.join((*tiny.PRESETS, 'tiny-clip'))}")
+    presets = (*tiny.PRESETS, "tiny-clip")
+    if name not in presets:
+        raise ModelError(f"unknown tiny preset {name!r}; choose one of: {', '.join(presets)}")
     if name == "tiny-clip":
         from tunelab.multimodal import clip
 

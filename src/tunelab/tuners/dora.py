@@ -194,16 +194,16 @@ class DoraVariant:
     def forward(self, layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
         dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
-        magnitude, norm = layer.lora_magnitude_vector[name], self.weight_norm(layer, name)  # (out,) each
         x = x.to(lora_A.weight.dtype)
         if isinstance(dropout, nn.Identity) or not layer.training:
             # b + g (result - b + s B A x): one fused op that keeps only its output for backward
+            magnitude, norm = layer.lora_magnitude_vector[name], self.weight_norm(layer, name)  # (out,) each
             lora_out = lora_B(lora_A(x))  # (..., out), scaled inside
             bias = layer.base_layer.bias
             bias = None if bias is None else bias.to(norm.dtype)
             out = DoraScale.apply(result.to(norm.dtype), lora_out, scaling, magnitude, norm, bias)
             return out.to(result.dtype)
-        g = magnitude / norm  # (out,)
+        g = self.factor(layer, name)  # (out,)
         dropped = dropout(x)
         base = F.linear(dropped, layer.get_base_weight().to(g.dtype))  # (..., out) W d, no bias
         # result + (g - 1) W d + g s B A d = (result - W d) + g (W d + s B A d)
