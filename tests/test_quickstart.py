@@ -28,7 +28,7 @@ def test_quickstart_pipeline_learns_the_medical_domain(pretrained_tiny_llama, tm
     torch.set_num_threads(2)
     try:
         results = run_experiment(spec, progress=False, isolate=False)
-        _, _, test, _ = build_splits(spec.data, spec.objective)
+        _, _, test, _ = build_splits(spec.data)
         base, tokenizer = zoo.load("tiny-llama", progress=False)
         base_score = evaluate_records(base, tokenizer, test, max_new_tokens=24, progress=False)["score"]
     finally:

@@ -88,11 +88,23 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. r
 
 @app.command()
 def methods() -> None:
-    """List the registered PEFT methods."""
+    """List the registered PEFT methods with a one-line summary each."""
     from tunelab import tuners
+    from tunelab.tuners import registry
 
+    width = max(map(len, tuners.methods()))
     for name in tuners.methods():
-        console.print(name)
+        console.print(f"{name:<{width}}  {registry.get(name).summary}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def objectives() -> None:
+    """List the registered training objectives with a one-line summary each."""
+    from tunelab.experiments import registry
+
+    width = max(map(len, registry.objectives()))
+    for name in registry.objectives():
+        console.print(f"{name:<{width}}  {registry.get_objective(name).summary}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -128,7 +140,9 @@ def generate(
     model: Annotated[str, typer.Option(help="Preset, local path or hub id.")] = "tiny-llama",
     adapter: Annotated[Path | None, typer.Option(help="Adapter directory saved by tunelab or HF PEFT.")] = None,
     max_new_tokens: int = 48,
-    template: Annotated[str, typer.Option(help="Prompt template: plain, alpaca, chatml, none.")] = "plain",
+    template: Annotated[str, typer.Option(
+        help="Prompt template: auto (the model's own chat template when its tokenizer has one, else plain), "
+        "plain, alpaca, chatml, none.")] = "auto",
 ) -> None:
     """Greedy generation (KV cache) from a model, optionally with an adapter."""
     from tunelab.eval.generate import greedy
@@ -145,7 +159,7 @@ def generate(
     if template != "none":
         from tunelab.data.templates import render_prompt
 
-        texts = [render_prompt({"prompt": p}, template) for p in prompt]
+        texts = [render_prompt({"prompt": p}, template, tokenizer) for p in prompt]
     for source, output in zip(prompt, greedy(loaded, tokenizer, texts, max_new_tokens=max_new_tokens), strict=True):
         console.print(f"[bold]{source}[/bold]\n{output}\n")
 

@@ -9,15 +9,20 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.experiments.spec import DataSpec
 
 
-def build_splits(data: DataSpec, objective: str) -> tuple[list[dict], list[dict], list[dict], list[str] | None]:
-    """Return ``(train, validation, test, label_names)``; label_names is None for generation."""
+def build_splits(data: DataSpec, label_key: str | None = None
+                 ) -> tuple[list[dict], list[dict], list[dict], list[str] | None]:
+    """Return ``(train, validation, test, label_names)``.
+
+    ``label_key`` is the record field the objective reads labels from (``label``, ``ner_tags``; its
+    ``label_key``); label_names is None for generation (``label_key=None``).
+    """
     if data.source == "synthetic":
         train, validation, test = _synthetic_splits(data)
     else:
         train, validation, test = _file_splits(data)
     if not train:
         raise DataError("the training split is empty; increase data.train_size or check the data file")
-    labels = _label_names(data, objective, train + validation + test)
+    labels = _label_names(data, label_key, train + validation + test)
     return train, validation, test, labels
 
 
@@ -55,20 +60,19 @@ def _file_splits(data: DataSpec) -> tuple[list[dict], list[dict], list[dict]]:
     return records[: data.train_size], validation, test
 
 
-def _label_names(data: DataSpec, objective: str, records: list[dict]) -> list[str] | None:
-    if objective == "sft":
+def _label_names(data: DataSpec, key: str | None, records: list[dict]) -> list[str] | None:
+    if key is None:
         return None
     if data.source == "synthetic":
         from tunelab.data import synthetic
 
         if len(data.tasks) != 1:
-            raise ConfigError(f"objective {objective} needs exactly one task in data.tasks (one label set)")
+            raise ConfigError("a classification objective needs exactly one task in data.tasks (one label set)")
         return list(synthetic.label_names(data.tasks[0]))
-    key = "label" if objective == "classification" else "ner_tags"
     missing = [i for i, record in enumerate(records) if key not in record]
     if missing:
-        raise DataError(f"objective {objective} needs a '{key}' field; record {missing[0]} has keys "
+        raise DataError(f"the objective needs a '{key}' field; record {missing[0]} has keys "
                         f"{sorted(records[missing[0]])} (map it with data.columns)")
-    if objective == "classification":
+    if key == "label":
         return sorted({str(record["label"]) for record in records})
     return sorted({tag for record in records for tag in record["ner_tags"]})

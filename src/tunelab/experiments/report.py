@@ -1,21 +1,23 @@
 """Reports built only from the result files: ``report.md`` and a self-contained ``report.html``.
 
 ``tunelab report runs/<name>`` rebuilds them at any time. Cells that share a method label are
-aggregated over seeds (mean ± standard deviation); plots are embedded as base64 PNG so the HTML is
-one file. Each method used gets a short explanation of its math.
+aggregated over seeds (mean ± the half-width of the 95% confidence interval, Student's t); plots are
+embedded as base64 PNG so the HTML is one file; quality axes start at 0. Each method used gets a short
+explanation of its math. Staged experiments get the cross-evaluation matrix (:mod:`report_stages`).
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from tunelab.errors import DataError
+from tunelab.experiments import report_stages
+from tunelab.experiments.plots import ci95, figure_png, score_axis
 from tunelab.utils import atomic_write_text
 
 METHOD_NOTES = {
@@ -89,6 +91,7 @@ def summarize(results: list[dict]) -> list[dict]:
         rows.append({
             "method": label, "train_size": size, "seeds": len(group),
             "score": statistics.fmean(scores), "score_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "score_ci95": ci95(scores),
             "trainable_parameters": group[0]["trainable_parameters"],
             "trainable_percent": group[0]["trainable_percent"],
             "train_seconds": statistics.fmean(r["train_seconds"] for r in group),
@@ -110,7 +113,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| method | train size | seeds | score | trainable params | % of model | train s | tokens/s "
              "| peak RSS MB | latency ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        score = f"{row['score']:.4f}" + (f" ± {row['score_std']:.4f}" if row["seeds"] > 1 else "")
+        score = f"{row['score']:.4f}" + (f" ± {row['score_ci95']:.4f}" if row["seeds"] > 1 else "")
         latency = f"{row['latency_ms']:.1f}" if row["latency_ms"] is not None else "–"
         lines.append(f"| {row['method']} | {row['train_size']} | {row['seeds']} | {score} | "
                      f"{row['trainable_parameters']:,} | {row['trainable_percent']:.2f} | {row['train_seconds']:.0f} | "
@@ -127,19 +130,7 @@ def _metric_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _figure_png(draw) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    draw(axis)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+_figure_png = figure_png
 
 
 def plot_loss_curves(results: list[dict]) -> bytes:
@@ -160,12 +151,13 @@ def plot_loss_curves(results: list[dict]) -> bytes:
 def plot_quality_vs_parameters(rows: list[dict]) -> bytes:
     def draw(axis):
         for row in rows:
-            axis.errorbar(row["trainable_parameters"], row["score"], yerr=row["score_std"] or None, fmt="o",
-                          capsize=3, label=f"{row['method']} (n={row['train_size']})")
+            axis.errorbar(row["trainable_parameters"], row["score"], yerr=row.get("score_ci95") or None, fmt="o",
+                          capsize=3, label=f"{row['method']} (n={row['train_size']}, {row['seeds']} seed(s))")
         axis.set_xscale("log")
         axis.set_xlabel("trainable parameters (log scale)")
-        axis.set_ylabel("held-out score")
-        axis.set_title("Quality vs trainable parameters")
+        score_axis(axis, [r["score"] + (r.get("score_ci95") or 0.0) for r in rows],
+                   label="held-out score (mean of each task's main metric)")
+        axis.set_title("Quality vs trainable parameters (error bars: 95% CI over seeds)")
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     return _figure_png(draw)
@@ -184,23 +176,30 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     (plots / "quality_vs_parameters.png").write_bytes(quality_png)
     methods = sorted({r["method"] for r in results})
     notes = "\n".join(f"- **{m}** — {METHOD_NOTES.get(m, 'see docs/methods/' + m + '.md')}" for m in methods)
+    matrices = report_stages.stage_matrices(results)
+    stage_png = report_stages.plot_stage_matrices(matrices)
+    stage_md = report_stages.markdown_section(matrices)
+    if stage_png is not None:
+        (plots / "stage_matrix.png").write_bytes(stage_png)
+        stage_md += "![stage matrix](plots/stage_matrix.png)\n\n"
     first = results[0]
     markdown = (
         f"# Experiment `{name}`\n\n"
         f"Model `{first['model']}`, objective `{first['objective']}`, {len(results)} run(s). Score = the task's "
-        "main held-out metric (see docs/evaluation.md). Peak RSS is the run's process maximum.\n\n"
-        f"## Results\n\n{markdown_table(rows)}\n\n## All metrics\n\n{_metric_table(rows)}\n\n"
+        "main held-out metric (see docs/evaluation.md); with several seeds, mean ± 95% confidence interval. "
+        "Peak RSS is the run's process maximum.\n\n"
+        f"## Results\n\n{markdown_table(rows)}\n\n## All metrics\n\n{_metric_table(rows)}\n\n{stage_md}"
         "## Plots\n\n![loss curves](plots/loss_curves.png)\n\n![quality vs parameters](plots/quality_vs_parameters.png)\n\n"
         f"## Methods\n\n{notes}\n\n## Environment\n\n`{json.dumps(first.get('versions', {}))}`, git "
         f"`{first.get('git_sha') or 'n/a'}`\n"
     )
     atomic_write_text(run_dir / "report.md", markdown)
-    html_text = _html(name, rows, results, notes, loss_png, quality_png)
+    html_text = _html(name, rows, results, notes, loss_png, quality_png, stage_md, stage_png)
     atomic_write_text(run_dir / "report.html", html_text)
     return run_dir / "report.md", run_dir / "report.html"
 
 
-def _html(name, rows, results, notes, loss_png, quality_png) -> str:
+def _html(name, rows, results, notes, loss_png, quality_png, stage_md="", stage_png=None) -> str:
     def image(png: bytes, alt: str) -> str:
         return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -208,12 +207,17 @@ def _html(name, rows, results, notes, loss_png, quality_png) -> str:
               "peak RSS MB", "latency ms"]
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            r["method"], r["train_size"], r["seeds"], f"{r['score']:.4f} ± {r['score_std']:.4f}",
+            r["method"], r["train_size"], r["seeds"], f"{r['score']:.4f} ± {r['score_ci95']:.4f}",
             f"{r['trainable_parameters']:,}", f"{r['trainable_percent']:.2f}", f"{r['train_seconds']:.0f}",
             f"{r['tokens_per_second']:.0f}", f"{r['peak_memory_mb']:.0f}",
             "–" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}")) + "</tr>"
         for r in rows)
     note_items = "".join(f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in notes.splitlines())
+    stages_html = ""
+    if stage_png is not None:
+        tables = "".join(f"<pre>{html.escape(block)}</pre>" for block in stage_md.split("\n\n") if block.startswith("|"))
+        stages_html = f"<h2>Stages</h2><p>Score after each stage (rows) on each stage's test data (columns).</p>{tables}" \
+                      f"{image(stage_png, 'stage matrix')}"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>tunelab: {html.escape(name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
@@ -223,5 +227,6 @@ td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
 {len(results)} run(s).</p>
 <h2>Results</h2><table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>
 <h2>Plots</h2>{image(loss_png, 'loss curves')}{image(quality_png, 'quality vs trainable parameters')}
+{stages_html}
 <h2>Methods</h2><ul>{note_items}</ul></body></html>
 """

@@ -1,14 +1,16 @@
 """The experiment spec: a YAML file validated by a pydantic schema.
 
-An experiment names a model, a PEFT method, an objective, data, training and evaluation settings, and
-optionally a ``grid`` (methods × data sizes × seeds × hyper-parameters). Every section forbids unknown
-keys, so a typo is an error with the key's location, not a silently ignored setting.
+An experiment names a model, a PEFT method, an objective, data, training and evaluation settings,
+optionally a ``grid`` (methods × data sizes × seeds × hyper-parameters) and optionally ``stages`` (a
+list of stages run one after the other on the same model). Every section forbids unknown keys, and
+method and objective options are validated against their own configs when the file is loaded, so a
+typo is an error with the key's location, not a silently ignored setting.
 
 ```yaml
 name: quickstart
 model: {name: tiny-llama}
 method: {name: lora, options: {r: 8, lora_alpha: 16, target_modules: all-linear}}
-objective: sft
+objective: sft                     # or {name: sft, options: {...}}
 data: {source: synthetic, tasks: [summarization], domain: medical, train_size: 800}
 train: {max_steps: 300, learning_rate: 2.0e-3, batch_size: 16}
 eval: {max_new_tokens: 24}
@@ -17,6 +19,9 @@ grid:
     - {name: full, train: {learning_rate: 3.0e-4}}
     - {name: lora, options: {r: 16}}
   seeds: [0, 1, 2]
+stages:                            # optional: each entry overrides data / objective / method / train
+  - {name: medical, data: {domain: medical}}
+  - {name: legal, data: {domain: legal}}
 ```
 """
 
@@ -24,16 +29,15 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.train import TrainConfig
-
-OBJECTIVES = ("sft", "classification", "token_classification")
 
 
 class _Strict(BaseModel):
@@ -57,6 +61,15 @@ class MethodSpec(_Strict):
         return self.label or self.name
 
 
+class ObjectiveSpec(_Strict):
+    name: str = Field("sft", description="A registered objective (see `tunelab objectives`).")
+    options: dict[str, Any] = Field(default_factory=dict, description="The objective's options (its own config).")
+
+
+def _objective_from_string(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
 class DataSpec(_Strict):
     source: str = Field("synthetic", description="'synthetic' for the built-in world, a file path, or hf:NAME.")
     tasks: list[str] = Field(default_factory=lambda: ["summarization"], description="Built-in task names.")
@@ -74,8 +87,23 @@ class DataSpec(_Strict):
 
 class EvalSpec(_Strict):
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per test prompt.")
+    cross_stages: Literal["previous", "all"] = Field("previous", description="After each stage, evaluate on the "
+                                                     "test data of every earlier stage (previous) or of every stage (all).")
     batch_size: int = Field(32, gt=0, description="Generation batch size.")
     latency_batches: int = Field(5, ge=0, description="Forward passes timed for inference latency (0 = skip).")
+
+
+class StageSpec(_Strict):
+    """One stage: overrides of the experiment's sections; the model carries over from the stage before."""
+
+    name: str | None = Field(None, description="Stage name (default: stage<i>); also the adapter name of a stage method.")
+    data: dict[str, Any] = Field(default_factory=dict, description="Overrides of the data section.")
+    objective: ObjectiveSpec | None = Field(None, description="This stage's objective (default: the experiment's).")
+    method: MethodSpec | None = Field(None, description="A method added for this stage as a new adapter named "
+                                      "after the stage; only it trains. Default: keep training the model as it is.")
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the train section.")
+
+    _objective_string = field_validator("objective", mode="before")(_objective_from_string)
 
 
 class GridSpec(_Strict):
@@ -92,11 +120,14 @@ class ExperimentSpec(_Strict):
     description: str = ""
     model: ModelSpec = Field(default_factory=ModelSpec)
     method: MethodSpec = Field(default_factory=MethodSpec)
-    objective: Literal["sft", "classification", "token_classification"] = "sft"
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     grid: GridSpec = Field(default_factory=GridSpec)
+    stages: list[StageSpec] = Field(default_factory=list, description="Stages run in order on one model.")
+
+    _objective_string = field_validator("objective", mode="before")(_objective_from_string)
 
     @field_validator("name")
     @classmethod
@@ -157,9 +188,101 @@ def validate(raw: dict[str, Any], source: str = "config") -> ExperimentSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (name, model, method, ...)")
     try:
-        return ExperimentSpec.model_validate(raw)
+        spec = ExperimentSpec.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, source)) from None
+    check_options(spec, source)
+    return spec
+
+
+def check_method(method: MethodSpec, where: str, source: str) -> None:
+    """Validate a method's name and options against the method registry (one line naming the key)."""
+    from tunelab.tuners import registry
+
+    if method.name not in registry.methods():
+        raise ConfigError(f"{source}: invalid config at '{where}.name': unknown method {method.name!r}; "
+                          f"choose one of: {', '.join(registry.methods())}")
+    valid = list(registry.get(method.name).config_class.model_fields)
+    unknown = sorted(set(method.options) - set(valid))
+    if unknown:
+        raise ConfigError(f"{source}: invalid config at '{where}.options.{unknown[0]}': unknown option for method "
+                          f"{method.name!r}; valid options: {', '.join(valid) or 'none'}")
+    try:
+        registry.build_config(method.name, method.options)
+    except TunelabError as error:
+        raise ConfigError(f"{source}: invalid config at '{where}.options': {error}") from None
+
+
+def check_options(spec: ExperimentSpec, source: str) -> None:
+    """Method and objective options of every section, grid entry and stage, checked at load time."""
+    from tunelab.experiments import registry
+
+    def objective(obj: ObjectiveSpec, where: str) -> str:
+        try:
+            registry.objective_config(obj.name, obj.options, where=f"{where}.options")
+        except ConfigError as error:
+            message = str(error)
+            if message.startswith("unknown objective"):
+                message = f"invalid config at '{where}.name': {message}"
+            raise ConfigError(f"{source}: {message}") from None
+        return registry.get_objective(obj.name).model_task
+
+    check_method(spec.method, "method", source)
+    for index, method in enumerate(spec.grid.methods or []):
+        check_method(method, f"grid.methods.{index}", source)
+    tasks = {objective(spec.objective, "objective")}
+    names = set()
+    for index, stage in enumerate(spec.stages):
+        where = f"stages.{index}"
+        if stage.method is not None:
+            check_method(stage.method, f"{where}.method", source)
+        if stage.objective is not None:
+            tasks.add(objective(stage.objective, f"{where}.objective"))
+        name = stage.name or f"stage{index}"
+        if name in names:
+            raise ConfigError(f"{source}: invalid config at '{where}.name': two stages are named {name!r}; "
+                              "give each stage a distinct name")
+        names.add(name)
+        _validate_section(DataSpec, {**spec.data.model_dump(), **stage.data}, f"{where}.data", source)
+        _validate_section(TrainConfig, {**spec.train.model_dump(), **stage.train}, f"{where}.train", source)
+    if len(tasks) > 1:
+        raise ConfigError(f"{source}: the stages' objectives need different model heads ({', '.join(sorted(tasks))}); "
+                          "stages share one model, so use objectives of one model task")
+
+
+def _validate_section(model: type[BaseModel], raw: dict[str, Any], where: str, source: str) -> BaseModel:
+    try:
+        return model.model_validate(raw)
+    except (ValidationError, ConfigError) as error:
+        if isinstance(error, ConfigError):
+            raise ConfigError(f"{source}: invalid config at '{where}': {error}") from None
+        first = error.errors()[0]
+        location = ".".join([where, *(str(part) for part in first["loc"])])
+        message = "unknown key (check the spelling)" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(f"{source}: invalid config at '{location}': {message}") from None
+
+
+@dataclass
+class Stage:
+    """A stage with every section resolved (data, objective, train) and the method it adds, if any."""
+
+    name: str
+    data: DataSpec
+    objective: ObjectiveSpec
+    train: TrainConfig
+    method: MethodSpec | None
+
+
+def resolve_stages(spec: ExperimentSpec) -> list[Stage]:
+    """The stages of a (cell) spec; an experiment without ``stages`` is one stage named ``main``."""
+    if not spec.stages:
+        return [Stage("main", spec.data, spec.objective, spec.train, None)]
+    stages = []
+    for index, stage in enumerate(spec.stages):
+        data = DataSpec.model_validate({**spec.data.model_dump(), **stage.data})
+        train = TrainConfig.model_validate({**spec.train.model_dump(), **stage.train})
+        stages.append(Stage(stage.name or f"stage{index}", data, stage.objective or spec.objective, train, stage.method))
+    return stages
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> ExperimentSpec:

@@ -8,6 +8,7 @@ A checkpoint is everything a run needs to continue *bit for bit* where it stoppe
       scheduler.pt            LambdaLR.state_dict()   (step counter, base learning rates)
       rng.pt                  torch CPU (and CUDA) generator states
       rng.json                Python `random` and NumPy global generator states
+      objective.pt            the objective's own state (EWC's Fisher, a controller's value, ...)
       state.json              step, data position, counters, config, trainable names — written last
 
 Atomicity: files go to ``output_dir/.checkpoint.tmp/`` and are fsynced; then the current checkpoint is
@@ -122,6 +123,7 @@ class Checkpoint:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: dict[str, Any]
+    objective: dict[str, Any] | None = None
 
     @property
     def step(self) -> int:
@@ -149,13 +151,18 @@ def _write_files(
     scheduler_state: dict[str, Any],
     rng: dict[str, Any],
     state: dict[str, Any],
+    objective_state: dict[str, Any] | None = None,
 ) -> None:
+    names = ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "rng.json"]
+    if objective_state:
+        torch.save(objective_state, directory / "objective.pt")
+        names.append("objective.pt")
     save_file(_cpu_tensors(trainable), str(directory / "trainable.safetensors"), metadata={"format": "pt"})
     torch.save(optimizer_state, directory / "optimizer.pt")
     torch.save(scheduler_state, directory / "scheduler.pt")
     torch.save({"torch": rng["torch"], "cuda": rng["cuda"]}, directory / "rng.pt")
     (directory / "rng.json").write_text(json.dumps({"python": rng["python"], "numpy": rng["numpy"]}))
-    for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "rng.json"):
+    for name in names:
         _fsync(directory / name)
     # state.json last: its presence marks the directory complete
     (directory / STATE_FILE).write_text(
@@ -173,6 +180,7 @@ def save_checkpoint(
     scheduler_state: dict[str, Any],
     state: dict[str, Any],
     rng: dict[str, Any] | None = None,
+    objective_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``output_dir/checkpoint/`` atomically (see the module docstring) and return its path.
 
@@ -183,13 +191,15 @@ def save_checkpoint(
         scheduler_state: ``scheduler.state_dict()``.
         state: JSON-able run state; must hold ``"step"``.
         rng: from :func:`capture_rng_state`; captured now when omitted.
+        objective_state: the objective's ``state_dict()`` (tensors and plain values), if any.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final, tmp, old = output_dir / CHECKPOINT_NAME, output_dir / TMP_NAME, output_dir / OLD_NAME
     shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crash mid-write
     tmp.mkdir()
-    _write_files(tmp, trainable, optimizer_state, scheduler_state, rng or capture_rng_state(), state)
+    _write_files(tmp, trainable, optimizer_state, scheduler_state, rng or capture_rng_state(), state,
+                 objective_state)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -222,6 +232,8 @@ def load_checkpoint(output_dir: str | os.PathLike) -> Checkpoint | None:
         optimizer=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
         scheduler=torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
         rng=rng,
+        objective=torch.load(path / "objective.pt", map_location="cpu", weights_only=True)
+        if (path / "objective.pt").is_file() else None,
     )
 
 

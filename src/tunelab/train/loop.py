@@ -1,20 +1,20 @@
-"""The training loop: one readable loop on Hugging Face Accelerate, resumable bit for bit.
+"""The training loop: one readable step loop for every objective, resumable bit for bit.
 
 Each optimizer step, top to bottom::
 
     for micro in range(grad_accum):                     # gradient accumulation
-        batch  = collate_fn([records[i] for i in sampler.next_indices()])
-        loss   = loss_fn(model, batch)                  # default: model(**batch).loss
-        accelerator.backward(loss)                      # divides by grad_accum, scales under fp16
+        batch  = collate([records[i] for i in sampler.next_indices()])
+        out    = objective.loss(model, batch)           # LossOutput(loss, metrics)
+        accelerator.backward(out.loss)                  # divides by grad_accum, scales under fp16
     grad_norm = clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step(); scheduler.step(); optimizer.zero_grad()
-    then: log every `log_every`, evaluate every `eval_every`, checkpoint every `save_every`, and all
-    three at the last step.
+    then: log every `log_every` (loss + the objective's metrics), evaluate every `eval_every`,
+    checkpoint every `save_every`, and all three at the last step.
 
-The optimizer is AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019) over the
-parameters with ``requires_grad=True`` only; the learning rate follows :mod:`tunelab.train.schedules`.
-Accelerate places the model and batches on the device, runs mixed precision (bf16 / fp16 autocast, a
-gradient scaler for fp16) and, under ``accelerate launch``, wraps the model for DDP.
+The loop knows no objective by name: SFT, classification, distillation or DPO differ only in the
+:class:`~tunelab.train.objective.Objective` passed in. The engine (:mod:`tunelab.train.engine`) owns the
+Accelerator, AdamW over the model's trainable parameters *and* the objective's modules, the schedule
+and the checkpoint; the sampler (:mod:`tunelab.train.samplers`) owns the data order.
 
 Exact resume: the loss at a step is a function of the trainable weights, the batch and the dropout
 masks. A checkpoint (:mod:`tunelab.train.checkpoint`) stores the weights, the optimizer and scheduler
@@ -35,22 +35,22 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import send_to_device
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from tunelab.errors import ConfigError, DataError
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import engine
 from tunelab.train.config import TrainConfig
+from tunelab.train.engine import build_param_groups, resolve_mixed_precision  # noqa: F401  (public here too)
+from tunelab.train.objective import BaseObjective, FunctionObjective, LossOutput, as_loss_output, is_objective
 from tunelab.train.profile import count_tokens, peak_rss_mb, tokens_per_second
-from tunelab.train.schedules import EpochSampler, make_scheduler, resolve_warmup_steps
+from tunelab.train.samplers import EpochSampler, Sampler
 from tunelab.utils import seed_everything
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], "torch.Tensor | LossOutput"]
 Callback = Callable[[dict[str, Any]], "bool | None"]
 
 
@@ -92,6 +92,7 @@ class RunState:
     window_steps: int = 0
     window_tokens: int = 0
     window_seconds: float = 0.0
+    window_metrics: dict[str, float] = field(default_factory=dict)  # sums of the objective's metrics
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -101,79 +102,6 @@ def default_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     if loss is None:
         raise DataError("model(**batch) returned no loss; use a collator that adds 'labels' or pass loss_fn")
     return loss
-
-
-def build_param_groups(
-    model: nn.Module, weight_decay: float, param_groups: Sequence[dict[str, Any]] | None = None
-) -> list[dict[str, Any]]:
-    """Optimizer groups over the trainable parameters.
-
-    ``param_groups`` (e.g. LoRA+'s per-matrix learning rates) are kept as given; trainable parameters
-    they leave out join default groups: matrices with ``weight_decay``, vectors (biases, norms) without.
-    """
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ConfigError(
-            "the model has no trainable parameters; apply a tuner method or unfreeze some parameters"
-        )
-    trainable_ids, covered, groups = {id(p) for _, p in named}, set(), []
-    for index, group in enumerate(param_groups or []):
-        params = list(group.get("params", []))
-        for param in params:
-            if id(param) not in trainable_ids:
-                raise ConfigError(
-                    f"param_groups[{index}] holds a frozen or foreign parameter; pass only the model's parameters with requires_grad=True"
-                )
-            if id(param) in covered:
-                raise ConfigError(
-                    f"param_groups[{index}] repeats a parameter of an earlier group; put each parameter in one group"
-                )
-            covered.add(id(param))
-        groups.append({**group, "params": params})
-    rest = [p for _, p in named if id(p) not in covered]
-    if weight_decay > 0:
-        groups.append({"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay})
-        groups.append({"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0})
-    else:
-        groups.append({"params": rest, "weight_decay": 0.0})
-    return [group for group in groups if group["params"]]
-
-
-def resolve_mixed_precision(requested: str) -> str:
-    """The precision this machine can run: fp16 needs CUDA, bf16 needs CUDA bf16 support or a CPU."""
-    if requested == "no":
-        return "no"
-    if torch.cuda.is_available():
-        if requested == "bf16" and not torch.cuda.is_bf16_supported():
-            logger.warning("this GPU has no bf16 support; training in fp32 (mixed_precision='no') instead")
-            return "no"
-        return requested
-    if requested == "fp16":
-        logger.warning("fp16 mixed precision needs a GPU; training in fp32 (mixed_precision='no') instead")
-        return "no"
-    return requested  # bf16 autocast runs on CPUs
-
-
-def _make_accelerator(mixed_precision: str, grad_accum: int) -> Accelerator:
-    # Accelerate keeps one process-wide state; one process may train several models (an experiment
-    # grid) with different precisions, so a single-process state is reset when the precision changes.
-    shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
-        AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
-
-
-def _progress_bar(enabled: bool) -> Progress:
-    """Step counter, bar, loss and ETA on stderr; rich degrades to plain output off a terminal."""
-    return Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
 
 
 def _check_records(train_records: Sequence[Any], eval_records: Sequence[Any] | None) -> None:
@@ -191,16 +119,18 @@ def evaluate_loss(
     model: nn.Module,
     records: Sequence[Any],
     collate_fn: Callable[[list[Any]], Any],
-    loss_fn: LossFn = default_loss,
+    loss_fn: LossFn | BaseObjective = default_loss,
     *,
     batch_size: int = 8,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
 ) -> float:
-    """Mean of ``loss_fn`` over consecutive batches of ``records``, in eval mode without gradients.
+    """Mean loss over consecutive batches of ``records``, in eval mode without gradients.
 
-    The model's train/eval mode is restored afterwards.
+    ``loss_fn`` is ``(model, batch) -> tensor | LossOutput`` or an objective (its ``loss``). The
+    model's train/eval mode is restored afterwards.
     """
+    compute = loss_fn.loss if is_objective(loss_fn) else loss_fn
     was_training, losses = model.training, []
     model.eval()
     try:
@@ -208,7 +138,7 @@ def evaluate_loss(
             for start in range(0, len(records), batch_size):
                 batch = collate_fn(list(records[start : start + batch_size]))
                 batch = send_to_device(batch, device) if device is not None else batch
-                losses.append(loss_fn(model, batch).float().item())
+                losses.append(as_loss_output(compute(model, batch)).loss.float().item())
                 if max_batches is not None and len(losses) >= max_batches:
                     break
     finally:
@@ -226,12 +156,12 @@ class _Session:
     optimizer: torch.optim.Optimizer  # the raw AdamW (state_dict / load_state_dict)
     prepared_optimizer: Any
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler: EpochSampler
+    sampler: Sampler
     config: TrainConfig
     train_records: Sequence[Any]
     eval_records: Sequence[Any] | None
     collate_fn: Callable[[list[Any]], Any]
-    loss_fn: LossFn
+    objective: BaseObjective
     eval_fn: Callable[[nn.Module], dict[str, float]] | None
     callbacks: Sequence[Callback]
     metrics: ckpt.MetricsLog
@@ -245,22 +175,28 @@ class _Session:
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    @property
+    def modules(self) -> list[nn.Module]:
+        return list(self.objective.modules())
+
     def elapsed(self) -> float:
         return self.elapsed_at_start + time.perf_counter() - self.session_start
 
-    def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step over ``grad_accum`` micro-batches -> (mean loss, grad norm, tokens)."""
+    def train_step(self) -> tuple[float, float, int, dict[str, float]]:
+        """One optimizer step over ``grad_accum`` micro-batches -> (mean loss, grad norm, tokens, metrics)."""
         config, accelerator = self.config, self.accelerator
-        total_loss, tokens = 0.0, 0
+        total_loss, tokens, metric_sums = 0.0, 0, {}
         for _ in range(config.grad_accum):
             indices = self.sampler.next_indices()
             batch = self.collate_fn([self.train_records[i] for i in indices])
             batch = send_to_device(batch, accelerator.device)
             tokens += count_tokens(batch)
             with accelerator.accumulate(self.model):  # DDP syncs gradients only on the last micro-batch
-                loss = self.loss_fn(self.model, batch)
-                accelerator.backward(loss)  # loss / grad_accum
-            total_loss += loss.detach().float().item()
+                out = as_loss_output(self.objective.loss(self.model, batch))
+                accelerator.backward(out.loss)  # loss / grad_accum
+            total_loss += out.loss.detach().float().item()
+            for name, value in out.metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
         mean_loss = total_loss / config.grad_accum
         if not math.isfinite(mean_loss):  # stop before the update spoils the weights
             raise ConfigError(
@@ -272,7 +208,8 @@ class _Session:
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule tick
             self.scheduler.step()
         self.prepared_optimizer.zero_grad(set_to_none=True)
-        return mean_loss, float(grad_norm) if grad_norm is not None else float("nan"), tokens
+        step_metrics = {name: total / config.grad_accum for name, total in metric_sums.items()}
+        return mean_loss, float(grad_norm) if grad_norm is not None else float("nan"), tokens, step_metrics
 
     def notify(self, record: dict[str, Any]) -> None:
         """Append a metrics event and hand it to the callbacks; a callback returning True stops training."""
@@ -284,12 +221,14 @@ class _Session:
     def log_train(self, lr: float, grad_norm: float) -> None:
         run, accelerator = self.run, self.accelerator
         loss = run.window_loss / run.window_steps
+        extra = {name: total / run.window_steps for name, total in run.window_metrics.items()}
         if accelerator.num_processes > 1:  # mean over processes (each saw its own micro-batches)
             loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), "mean").item()
         self.notify(
             {
                 "step": run.step,
                 "loss": loss,
+                **extra,
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_second(run.window_tokens, run.window_seconds),
@@ -297,6 +236,7 @@ class _Session:
             }
         )
         run.window_loss, run.window_steps, run.window_tokens, run.window_seconds = 0.0, 0, 0, 0.0
+        run.window_metrics = {}
 
     def evaluate(self) -> None:
         config = self.config
@@ -304,7 +244,7 @@ class _Session:
             self.model,
             self.eval_records,
             self.collate_fn,
-            self.loss_fn,
+            self.objective,
             batch_size=config.eval_batch_size or config.batch_size,
             max_batches=config.max_eval_batches,
             device=self.accelerator.device,
@@ -321,9 +261,10 @@ class _Session:
         """Write the checkpoint (main process), after everything else at this step — RNG included."""
         if self.output_dir is not None and self.accelerator.is_main_process:
             self.run.elapsed_s = self.elapsed()
+            trainable = engine.trainable_state(self.unwrapped, self.modules)
             ckpt.save_checkpoint(
                 self.output_dir,
-                trainable=ckpt.trainable_state_dict(self.unwrapped),
+                trainable=trainable,
                 optimizer_state=self.optimizer.state_dict(),
                 scheduler_state=self.scheduler.state_dict(),
                 state={
@@ -331,8 +272,9 @@ class _Session:
                     "data": self.sampler.state_dict(),
                     "run": asdict(self.run),
                     "config": self.config.model_dump(mode="json"),
-                    "trainable_names": list(ckpt.trainable_state_dict(self.unwrapped)),
+                    "trainable_names": list(trainable),
                 },
+                objective_state=self.objective.state_dict() or None,
             )
         self.accelerator.wait_for_everyone()
 
@@ -350,7 +292,9 @@ class _Session:
 
     def restore(self, checkpoint: ckpt.Checkpoint) -> None:
         """Continue from ``checkpoint``; the RNG states are restored last, just before the next step."""
-        ckpt.load_trainable_state(self.unwrapped, checkpoint.trainable, source=str(checkpoint.path))
+        model_state, modules_state = engine.split_trainable_state(checkpoint.trainable)
+        ckpt.load_trainable_state(self.unwrapped, model_state, source=str(checkpoint.path))
+        engine.load_module_state(self.modules, modules_state, source=str(checkpoint.path))
         try:
             self.optimizer.load_state_dict(checkpoint.optimizer)
         except ValueError as error:
@@ -359,6 +303,8 @@ class _Session:
             ) from None
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.sampler.load_state_dict(checkpoint.state["data"])
+        if checkpoint.objective is not None:
+            self.objective.load_state_dict(checkpoint.objective)
         self.run = RunState(**checkpoint.state["run"])
         self.elapsed_at_start = self.run.elapsed_s
         changed = sorted(
@@ -378,34 +324,41 @@ class _Session:
 def train(
     model: nn.Module,
     train_records: Sequence[Any],
-    collate_fn: Callable[[list[Any]], Any],
+    objective: BaseObjective | Callable[[list[Any]], Any],
     config: TrainConfig | dict[str, Any],
+    sampler: Sampler | None = None,
+    *,
     eval_records: Sequence[Any] | None = None,
     output_dir: str | Path | None = None,
     resume: bool = False,
+    tokenizer: Any = None,
+    labels: Sequence[str] | None = None,
     loss_fn: LossFn | None = None,
     param_groups: Sequence[dict[str, Any]] | None = None,
     progress: bool = True,
     callbacks: Sequence[Callback] | None = None,
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
-    """Train the trainable parameters of ``model`` on ``train_records``.
+    """Train the trainable parameters of ``model`` (and of the objective's modules) on ``train_records``.
 
     Args:
         model: any ``nn.Module``; only parameters with ``requires_grad=True`` are optimised and saved.
-        train_records: a list (Sequence) of records; ``collate_fn`` turns a list of them into a batch.
-        collate_fn: ``list[record] -> batch`` (usually a dict of tensors).
+        train_records: a list (Sequence) of records.
+        objective: an :class:`~tunelab.train.objective.Objective` — or, in the original call style, a
+            ``collate_fn`` (``list[record] -> batch``), optionally with ``loss_fn``.
         config: a :class:`TrainConfig` or a mapping of its fields.
+        sampler: which records form each batch (:mod:`tunelab.train.samplers`); default: an
+            :class:`EpochSampler` over all records with ``config.batch_size`` and ``config.seed``.
         eval_records: records for the mean eval loss every ``eval_every`` steps and at the end.
         output_dir: where ``metrics.jsonl``, ``checkpoint/`` and ``trainable.safetensors`` go; None
             keeps everything in memory.
         resume: continue from ``output_dir/checkpoint`` when there is one (a fresh start otherwise).
             Without ``resume`` an existing checkpoint and metrics log in ``output_dir`` are replaced.
-        loss_fn: ``(model, batch) -> scalar tensor``; default ``model(**batch).loss``. It receives the
-            model as prepared by Accelerate (the same object on one process).
+        tokenizer, labels: passed to ``objective.collator`` (unless it already built its collator).
+        loss_fn: with a collate function only: ``(model, batch) -> tensor | LossOutput``.
         param_groups: optimizer groups as for ``torch.optim`` (e.g. per-group ``lr`` for LoRA+);
             trainable parameters not listed join the default groups.
-        progress: show a progress bar (steps, loss, ETA) on stderr.
+        progress: show a progress bar (steps, loss, the objective's metrics, ETA) on stderr.
         callbacks: called with every metrics event (a dict); returning True stops training after the
             current step (evaluated and checkpointed as the last one).
         eval_fn: ``model -> {metric: value}`` task metrics added to each eval event.
@@ -423,43 +376,34 @@ def train(
     _check_records(train_records, eval_records)
     if resume and output_dir is None:
         raise ConfigError("resume=True needs an output_dir holding the checkpoint; pass output_dir")
+    if not is_objective(objective):
+        if not callable(objective):
+            raise ConfigError("train() takes an Objective or a collate function as its third argument")
+        objective = FunctionObjective(objective, loss_fn)
+    elif loss_fn is not None:
+        raise ConfigError("loss_fn goes with a collate function; an objective computes its own loss")
+    collate_fn = getattr(objective, "collate_fn", None) or objective.collator(tokenizer, labels)
     output_dir = Path(output_dir) if output_dir is not None else None
-    accelerator = _make_accelerator(resolve_mixed_precision(config.mixed_precision), config.grad_accum)
-
-    optimizer = torch.optim.AdamW(
-        build_param_groups(model, config.weight_decay, param_groups),
-        lr=config.learning_rate,
-        betas=config.adam_betas,
-        eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-    )
-    scheduler = make_scheduler(
-        optimizer,
-        schedule=config.schedule,
-        warmup_steps=resolve_warmup_steps(config.max_steps, config.warmup_steps, config.warmup_ratio),
-        total_steps=config.max_steps,
-        min_lr_ratio=config.min_lr_ratio,
-    )
+    accelerator = engine.make_accelerator(resolve_mixed_precision(config.mixed_precision), config.grad_accum)
+    objective.setup(model, accelerator)
+    optimizer, scheduler = engine.build_optimizer(model, config, param_groups, objective.modules())
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
     main = accelerator.is_main_process
+    if sampler is None:
+        sampler = EpochSampler(len(train_records), config.batch_size, config.seed,
+                               rank=accelerator.process_index, world_size=accelerator.num_processes)
     session = _Session(
         accelerator=accelerator,
         model=prepared_model,
         optimizer=optimizer,
         prepared_optimizer=prepared_optimizer,
         scheduler=scheduler,
-        sampler=EpochSampler(
-            len(train_records),
-            config.batch_size,
-            config.seed,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-        ),
+        sampler=sampler,
         config=config,
         train_records=train_records,
         eval_records=eval_records,
         collate_fn=collate_fn,
-        loss_fn=loss_fn or default_loss,
+        objective=objective,
         eval_fn=eval_fn,
         callbacks=list(callbacks or []),
         metrics=ckpt.MetricsLog(output_dir / "metrics.jsonl" if output_dir is not None and main else None),
@@ -496,12 +440,12 @@ def _start(session: _Session, resume: bool) -> None:
 def _run_loop(session: _Session, show_progress: bool) -> None:
     config, run = session.config, session.run
     session.model.train()
-    with _progress_bar(show_progress) as bar:
-        task = bar.add_task("train", total=config.max_steps, completed=run.step, loss="-")
+    with engine.progress_bar(show_progress) as bar:
+        task = bar.add_task("train", total=config.max_steps, completed=run.step, loss="-", postfix="")
         while run.step < config.max_steps and not session.stop_requested:
             lr = session.optimizer.param_groups[0]["lr"]  # the rate this step uses
             started = time.perf_counter()
-            loss, grad_norm, tokens = session.train_step()
+            loss, grad_norm, tokens, step_metrics = session.train_step()
             seconds = time.perf_counter() - started
             run.step += 1
             run.train_seconds += seconds
@@ -510,8 +454,10 @@ def _run_loop(session: _Session, show_progress: bool) -> None:
             run.window_steps += 1
             run.window_tokens += tokens
             run.window_seconds += seconds
+            for name, value in step_metrics.items():
+                run.window_metrics[name] = run.window_metrics.get(name, 0.0) + value
             session.after_step(lr, grad_norm)
-            bar.update(task, completed=run.step, loss=f"{loss:.4f}")
+            bar.update(task, completed=run.step, loss=f"{loss:.4f}", postfix=engine.format_postfix(step_metrics))
 
 
 def _result(session: _Session) -> TrainResult:

@@ -16,9 +16,8 @@ learning rate is::
 :func:`make_scheduler` wraps it in ``torch.optim.lr_scheduler.LambdaLR``, so every parameter group
 (LoRA+ passes several with different base rates) follows the same shape.
 
-**Data order.** :class:`EpochSampler` walks the training records in epochs; epoch ``e`` is the
-permutation drawn by a ``torch.Generator`` seeded from ``(seed, e)``. Its position ``(epoch, index
-within epoch)`` is all it needs to continue, and it is saved in every checkpoint.
+**Data order** lives in :mod:`tunelab.train.samplers` (``EpochSampler`` is re-exported here for
+code written before the samplers had their own module).
 """
 
 from __future__ import annotations
@@ -26,9 +25,10 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+from tunelab.train.samplers import EpochSampler, epoch_seed  # re-exported
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -87,62 +87,4 @@ def make_scheduler(
     return LambdaLR(optimizer, lr_lambda=multiplier)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit generator seed mixed from ``(seed, epoch)`` (NumPy's SeedSequence: no collisions
-    between e.g. (0, 1) and (1, 0))."""
-    state = np.random.SeedSequence((seed % 2**63, epoch)).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-class EpochSampler:
-    """Deterministic batches of record indices, resumable from ``(epoch, position)``.
-
-    Each epoch is ``torch.randperm(n)`` under a generator seeded with :func:`epoch_seed`. Batches take
-    ``batch_size`` consecutive indices of that permutation; the tail that cannot fill a batch is
-    skipped (a new permutation reshuffles it into the next epoch), so every batch has the same size —
-    which keeps gradient accumulation an exact average. When there are fewer records than
-    ``batch_size``, each epoch is one batch of all of them.
-
-    Under data parallelism every process draws the same global batch of ``batch_size * world_size``
-    indices and keeps its strided share ``[rank::world_size]``.
-    """
-
-    def __init__(
-        self,
-        num_records: int,
-        batch_size: int,
-        seed: int,
-        *,
-        epoch: int = 0,
-        position: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.num_records = num_records
-        self.global_batch = min(batch_size * world_size, num_records)
-        self.seed = seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.position = epoch, position
-        self._order: list[int] | None = None
-
-    def _permutation(self) -> list[int]:
-        if self._order is None:
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-            self._order = torch.randperm(self.num_records, generator=generator).tolist()
-        return self._order
-
-    def next_indices(self) -> list[int]:
-        """The indices of this process's next micro-batch; advances the position."""
-        if self.position + self.global_batch > self.num_records:
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        start = self.position
-        self.position += self.global_batch
-        batch = self._permutation()[start : self.position]
-        return batch[self.rank :: self.world_size]
-
-    def state_dict(self) -> dict[str, int]:
-        """The data position: epoch and records consumed within it."""
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+__all__ = ["SCHEDULES", "EpochSampler", "epoch_seed", "lr_multiplier", "make_scheduler", "resolve_warmup_steps"]

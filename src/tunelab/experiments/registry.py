@@ -1,0 +1,95 @@
+"""The objective registry: one explicit ``register_objective(...)`` line per objective, at the bottom.
+
+An experiment's ``objective: {name, options}`` names an entry here; its options are validated by the
+entry's pydantic config when the YAML is loaded (a typo fails before any data or model is built).
+``tunelab objectives`` lists the entries with their one-line summaries.
+
+Adding an objective: write it as a :class:`~tunelab.train.objective.BaseObjective` subclass in its
+family's package, then add one ``register_objective`` line below. No auto-discovery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from tunelab.errors import ConfigError
+from tunelab.objectives import (
+    ClassificationObjective,
+    LMObjective,
+    SFTObjective,
+    TokenClassificationObjective,
+)
+from tunelab.train.objective import BaseObjective, ObjectiveConfig
+
+
+@dataclass(frozen=True)
+class ObjectiveEntry:
+    """One registered objective: its name, class (with ``config_class``) and a one-line summary."""
+
+    name: str
+    objective_class: type[BaseObjective]
+    summary: str
+
+    @property
+    def config_class(self) -> type[ObjectiveConfig]:
+        return self.objective_class.config_class
+
+    @property
+    def model_task(self) -> str:
+        return self.objective_class.model_task
+
+
+_OBJECTIVES: dict[str, ObjectiveEntry] = {}
+
+
+def register_objective(name: str, objective_class: type[BaseObjective], summary: str) -> ObjectiveEntry:
+    """Add an objective (its name must be new)."""
+    if name in _OBJECTIVES:
+        raise ValueError(f"objective {name!r} is registered twice")
+    _OBJECTIVES[name] = ObjectiveEntry(name, objective_class, summary)
+    return _OBJECTIVES[name]
+
+
+def objectives() -> list[str]:
+    """Registered objective names, in registration order."""
+    return list(_OBJECTIVES)
+
+
+def get_objective(name: str) -> ObjectiveEntry:
+    if name not in _OBJECTIVES:
+        raise ConfigError(f"unknown objective {name!r}; choose one of: {', '.join(objectives())}")
+    return _OBJECTIVES[name]
+
+
+def objective_config(name: str, options: Mapping[str, Any], where: str = "objective.options") -> ObjectiveConfig:
+    """Validate ``options`` of objective ``name``; a one-line ConfigError naming the key otherwise."""
+    entry = get_objective(name)
+    valid = list(entry.config_class.model_fields)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listed = ", ".join(valid) if valid else "none (the objective takes no options)"
+        raise ConfigError(f"invalid config at '{where}.{unknown[0]}': unknown option for objective {name!r}; "
+                          f"valid options: {listed}")
+    try:
+        return entry.config_class(**options)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"invalid config at '{where}.{field}': {first['msg']}") from None
+
+
+def build_objective(name: str, options: Mapping[str, Any] | None = None) -> BaseObjective:
+    """A fresh objective instance with validated options."""
+    return get_objective(name).objective_class(objective_config(name, options or {}))
+
+
+register_objective("sft", SFTObjective, "supervised fine-tuning: next-token loss on the response, generative eval")
+register_objective("lm", LMObjective, "causal language modelling on plain text (continued pretraining: DAPT / TAPT)")
+register_objective("classification", ClassificationObjective,
+                   "sequence classification with a task head: cross-entropy, accuracy")
+register_objective("token_classification", TokenClassificationObjective,
+                   "token classification (NER, BIO tags) with a tagging head: cross-entropy, entity F1")

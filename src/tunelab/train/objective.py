@@ -1,0 +1,169 @@
+"""The objective seam: what differs between SFT, classification, distillation, DPO, ... is an objective.
+
+The training loop (:func:`tunelab.train.train`) is generic. An *objective* tells it how to turn records
+into batches (``collator``), how to compute the loss of a batch (``loss``), which extra trainable
+modules it owns (``modules``: a KD projector, a value head, per-task heads, a learned loss weight —
+they join the optimizer *and* the checkpoint), what state it carries across a resume (``state_dict``),
+how to score a model on held-out records (``evaluate``) and what to do when a stage ends
+(``on_stage_end``: EWC's Fisher, LwF's snapshot).
+
+A new objective is one file plus one registry line (``tunelab.experiments.registry``)::
+
+    class MyOptions(ObjectiveConfig):
+        weight: float = 1.0
+
+    class MyObjective(BaseObjective):
+        config_class = MyOptions
+        model_task = "causal_lm"
+
+        def loss(self, model, batch) -> LossOutput:
+            out = model(**batch)
+            return LossOutput(self.config.weight * out.loss, {"nll": out.loss.item()})
+
+The loop calls, per step: ``batch = collate(records)``; ``out = objective.loss(model, batch)``;
+``backward(out.loss)``; every float in ``out.metrics`` is averaged over the log window and written to
+``metrics.jsonl`` beside the loss and shown on the progress bar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from tunelab.errors import DataError
+
+
+@dataclass
+class LossOutput:
+    """What :meth:`Objective.loss` returns.
+
+    Attributes:
+        loss: the scalar to backpropagate.
+        metrics: floats to log with it (``{"kd": 0.41, "ce": 1.2}``); averaged over the log window.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """The protocol every objective follows (see the module docstring)."""
+
+    model_task: str
+
+    def collator(self, tokenizer: Any, labels: Sequence[str] | None, **data_options: Any) -> Callable: ...
+
+    def setup(self, model: nn.Module, accelerator: Any) -> None: ...
+
+    def modules(self) -> list[nn.Module]: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> LossOutput: ...
+
+    def evaluate(self, model: nn.Module, records: Sequence[Any], **kwargs: Any) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def on_stage_end(self, model: nn.Module, records: Sequence[Any]) -> None: ...
+
+
+class ObjectiveConfig(BaseModel):
+    """Base of every objective's options: unknown keys are errors (a typo fails at YAML load)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseObjective:
+    """Defaults for every hook, so an objective writes only what differs.
+
+    ``config_class`` validates the options; ``label_key`` names the record field that holds labels for
+    understanding tasks (``label``, ``ner_tags``) and is ``None`` for generation.
+    """
+
+    config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
+    model_task: ClassVar[str] = "causal_lm"
+    label_key: ClassVar[str | None] = None
+
+    def __init__(self, config: ObjectiveConfig | None = None, **options: Any) -> None:
+        self.config = config if config is not None else self.config_class(**options)
+        self.tokenizer: Any = None
+        self.labels: list[str] | None = None
+        self.collate_fn: Callable[[list[Any]], Any] | None = None
+
+    # --- data
+    def collator(self, tokenizer: Any, labels: Sequence[str] | None, **data_options: Any) -> Callable:
+        """``list[record] -> batch``; remembers the tokenizer and labels for :meth:`evaluate`."""
+        self.tokenizer, self.labels = tokenizer, list(labels) if labels is not None else None
+        self.collate_fn = self.make_collator(tokenizer, self.labels, **data_options)
+        return self.collate_fn
+
+    def make_collator(self, tokenizer: Any, labels: list[str] | None, **data_options: Any) -> Callable:
+        raise NotImplementedError(f"{type(self).__name__} must implement make_collator")
+
+    # --- training
+    def setup(self, model: nn.Module, accelerator: Any) -> None:
+        """Place extra modules on the accelerator's device (teachers, references, heads)."""
+        for module in self.modules():
+            module.to(accelerator.device)
+
+    def modules(self) -> list[nn.Module]:
+        return []
+
+    def loss(self, model: nn.Module, batch: Any) -> LossOutput:
+        """Default: ``model(**batch).loss`` (the Hugging Face convention when the batch has labels)."""
+        loss = getattr(model(**batch), "loss", None)
+        if loss is None:
+            raise DataError("model(**batch) returned no loss; use a collator that adds 'labels'")
+        return LossOutput(loss)
+
+    # --- evaluation and state
+    def evaluate(self, model: nn.Module, records: Sequence[Any], **kwargs: Any) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def on_stage_end(self, model: nn.Module, records: Sequence[Any]) -> None:
+        return None
+
+
+class FunctionObjective(BaseObjective):
+    """An objective from a plain ``collate_fn`` and ``loss_fn`` — the loop's original call style.
+
+    ``train(model, records, collate_fn, config, loss_fn=...)`` wraps its arguments in this class, so
+    code written before the seam keeps working unchanged. ``loss_fn`` may return a tensor or a
+    :class:`LossOutput`.
+    """
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], loss_fn: Callable | None = None) -> None:
+        super().__init__()
+        self.collate_fn = collate_fn
+        self.loss_fn = loss_fn
+
+    def collator(self, tokenizer: Any = None, labels: Sequence[str] | None = None, **data_options: Any) -> Callable:
+        return self.collate_fn
+
+    def loss(self, model: nn.Module, batch: Any) -> LossOutput:
+        if self.loss_fn is None:
+            return super().loss(model, batch)
+        return as_loss_output(self.loss_fn(model, batch))
+
+
+def as_loss_output(value: torch.Tensor | LossOutput) -> LossOutput:
+    """Accept a bare tensor where a :class:`LossOutput` is expected."""
+    return value if isinstance(value, LossOutput) else LossOutput(value)
+
+
+def is_objective(value: Any) -> bool:
+    """True for objects with the objective hooks the loop calls (not for a plain collate function)."""
+    return all(hasattr(value, name) for name in ("loss", "collator", "modules", "state_dict"))
