@@ -390,6 +390,8 @@ def train(
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
     main = accelerator.is_main_process
     if sampler is None:
+        sampler = objective.sampler(train_records, config, accelerator.process_index, accelerator.num_processes)
+    if sampler is None:
         sampler = EpochSampler(len(train_records), config.batch_size, config.seed,
                                rank=accelerator.process_index, world_size=accelerator.num_processes)
     session = _Session(

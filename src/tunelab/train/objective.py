@@ -1,7 +1,8 @@
 """The objective seam: what differs between SFT, classification, distillation, DPO, ... is an objective.
 
 The training loop (:func:`tunelab.train.train`) is generic. An *objective* tells it how to turn records
-into batches (``collator``), how to compute the loss of a batch (``loss``), which extra trainable
+into batches (``collator``) and in which order (``sampler``, default epochs), how to compute the loss
+of a batch (``loss``), which extra trainable
 modules it owns (``modules``: a KD projector, a value head, per-task heads, a learned loss weight —
 they join the optimizer *and* the checkpoint), what state it carries across a resume (``state_dict``),
 how to score a model on held-out records (``evaluate``) and what to do when a stage ends
@@ -63,6 +64,8 @@ class Objective(Protocol):
 
     def modules(self) -> list[nn.Module]: ...
 
+    def sampler(self, records: Sequence[Any], config: Any, rank: int, world_size: int) -> Any: ...
+
     def loss(self, model: nn.Module, batch: Any) -> LossOutput: ...
 
     def evaluate(self, model: nn.Module, records: Sequence[Any], **kwargs: Any) -> dict[str, float]: ...
@@ -115,6 +118,14 @@ class BaseObjective:
 
     def modules(self) -> list[nn.Module]:
         return []
+
+    def sampler(self, records: Sequence[Any], config: Any, rank: int = 0, world_size: int = 1) -> Any:
+        """The objective's own batch order (e.g. per-task sampling), or None for the default epochs.
+
+        Called by :func:`~tunelab.train.train` when no sampler is passed; ``config`` is the
+        :class:`~tunelab.train.TrainConfig` (batch size, seed, max_steps).
+        """
+        return None
 
     def loss(self, model: nn.Module, batch: Any) -> LossOutput:
         """Default: ``model(**batch).loss`` (the Hugging Face convention when the batch has labels)."""
