@@ -261,7 +261,7 @@ def dora_norm_case(d_out: int, d_in: int, repeats: int) -> dict:
     """PEFT's dense norm (identity trick) vs the factored one for one ``(out, in)`` layer shape."""
     from peft.tuners.lora.dora import DoraLinearLayer
 
-    from tunelab.tuners.dora import row_norm
+    from tunelab.tuners.lora.dora import row_norm
 
     generator = torch.Generator().manual_seed(0)
     W = torch.randn(d_out, d_in, generator=generator) * 0.02

@@ -16,7 +16,7 @@ import torch
 from tunelab import tuners
 from tunelab.errors import MethodError
 from tunelab.models import testing
-from tunelab.tuners.bottleneck import find_blocks
+from tunelab.tuners.adapters.bottleneck import find_blocks
 
 NAMES = ("a", "b", "c")
 

@@ -14,7 +14,7 @@ import torch
 from tunelab import tuners
 from tunelab.errors import MethodError
 from tunelab.models import testing
-from tunelab.tuners.bottleneck import AdapterLayer, BottleneckAdapter, find_blocks
+from tunelab.tuners.adapters.bottleneck import AdapterLayer, BottleneckAdapter, find_blocks
 
 EXPECTED_POINTS = {  # model -> (attention output projection, FFN output projection) of block i
     "tiny_llama": ("model.layers.{i}.self_attn.o_proj", "model.layers.{i}.mlp.down_proj"),
@@ -29,7 +29,7 @@ def test_generic_insertion_points(model_name: str, placement: str) -> None:
     model = testing.BUILDERS[model_name]()
     base = copy.deepcopy(model)
     batch = testing.example_batch(model)
-    tuners.apply(model, "bottleneck", placement=placement, reduction_factor=8)
+    tuners.apply(model, "bottleneck", placement=placement, reduction_factor=8, modules_to_save=None)  # no head copy
     attention, ffn = EXPECTED_POINTS[model_name]
     expected = [p.format(i=i) for i in range(2) for p in ((attention, ffn) if placement == "houlsby" else (ffn,))]
     layers = dict(tuners.tuner_layers(model))
@@ -63,7 +63,8 @@ def test_parameter_count_and_reduction_factor() -> None:
     for factor, m in ((8, 4), (16, 2), (64, 1)):
         counts = {}
         for placement in ("houlsby", "pfeiffer"):
-            model = tuners.apply(testing.tiny_bert(), "bottleneck", placement=placement, reduction_factor=factor)
+            model = tuners.apply(testing.tiny_bert(), "bottleneck", placement=placement, reduction_factor=factor,
+                                  modules_to_save=None)  # adapters only, no head copy
             counts[placement] = sum(p.numel() for _, p in tuners.trainable_parameters(model))
         assert counts["pfeiffer"] == blocks * (2 * d * m + m + d)
         assert counts["houlsby"] == 2 * counts["pfeiffer"]

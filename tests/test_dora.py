@@ -18,7 +18,7 @@ from torch import nn
 from tunelab import tuners
 from tunelab.errors import MethodError
 from tunelab.models import testing
-from tunelab.tuners import dora
+from tunelab.tuners.lora import dora
 
 
 @torch.no_grad()

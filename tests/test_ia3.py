@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from tunelab import tuners
 from tunelab.errors import MethodError
 from tunelab.models import testing
-from tunelab.tuners.ia3 import IA3Layer
+from tunelab.tuners.adapters.ia3 import IA3Layer
 
 
 @torch.no_grad()

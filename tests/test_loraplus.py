@@ -19,7 +19,7 @@ from tunelab.errors import ConfigError
 from tunelab.experiments.runner import loraplus_groups
 from tunelab.models import testing
 from tunelab.tuners.base import BaseTunerLayer
-from tunelab.tuners.loraplus import configured_ratio
+from tunelab.tuners.lora.loraplus import configured_ratio
 
 
 def names_by_group(model: nn.Module, groups: list[dict]) -> list[tuple[float, float, list[str]]]:

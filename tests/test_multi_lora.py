@@ -12,7 +12,7 @@ from torch import nn
 from tunelab import tuners
 from tunelab.errors import MethodError
 from tunelab.models import testing
-from tunelab.tuners import multi_lora
+from tunelab.tuners.lora import multi_lora
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -13,7 +13,8 @@ import torch
 from tunelab import tuners
 from tunelab.errors import MethodError
 from tunelab.models import testing
-from tunelab.multimodal import clip, images, prompts, protocol
+from tunelab.multimodal import clip, images, protocol
+from tunelab.tuners.prompts import clip_layers
 
 TEXTS = ["a photo of a red circle", "a photo of a blue cross"]
 
@@ -95,7 +96,7 @@ def test_vpt_deep_gives_every_later_layer_fresh_prompts(tokenizer) -> None:
     model = clip.tiny_random_clip(seed=0, num_layers=3)[0]
     tuners.apply(model, "vpt", num_virtual_tokens=2, deep=True)
     layers = model.vision_model.encoder.layers
-    assert isinstance(layers[0], torch.nn.Module) and not isinstance(layers[0], prompts.PromptLayer)
+    assert isinstance(layers[0], torch.nn.Module) and not isinstance(layers[0], clip_layers.PromptLayer)
     seen = {}
     handles = []
     for i in (1, 2):

@@ -27,7 +27,7 @@ from parity_helpers import PARITY_ATOL, assert_parity
 from tunelab import tuners
 from tunelab.eval.generate import greedy_batch
 from tunelab.models import testing
-from tunelab.tuners import prefix
+from tunelab.tuners.prompts import prefix
 
 peft = pytest.importorskip("peft")
 

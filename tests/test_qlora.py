@@ -16,7 +16,7 @@ from tunelab import tuners
 from tunelab.errors import MethodError
 from tunelab.models import testing
 from tunelab.quant import NF4Linear
-from tunelab.tuners import qlora
+from tunelab.tuners.lora import qlora
 
 
 def perturbed(model, seed=1, scale=0.2):

@@ -74,7 +74,8 @@ CASES = [
     Case("full", "tiny_gpt2"),
     Case("lora", "toy_mlp", dict(r=4, lora_alpha=8, target_modules=["up", "down"])),
     Case("lora", "tiny_llama", dict(r=4, lora_alpha=8), label="default-targets"),
-    Case("lora", "tiny_bert", dict(r=4, lora_alpha=8), label="default-targets"),
+    Case("lora", "tiny_bert", dict(r=4, lora_alpha=8), overrides={"additive": False},
+         label="default-targets"),  # a sequence classifier: the head copy (modules_to_save) replaces, not adds
     Case("lora", "tiny_gpt2", dict(r=4, lora_alpha=8), label="default-targets"),
     Case("lora", "tiny_llama", dict(r=8, lora_alpha=4, use_rslora=True,
                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), label="rslora"),
@@ -144,6 +145,13 @@ CASES = [
          overrides={"additive": False}, label="all-linear-head"),
     Case("qlora", "tiny_gpt2", dict(r=4, lora_alpha=8), atol=0.06, merge_atol=0.06, label="all-linear"),
 ]
+
+
+def test_every_registered_method_has_a_row() -> None:
+    """A new ``register(...)`` line without matrix rows fails here, naming the method."""
+    for method in tuners.methods():
+        assert method in METHOD_CAPABILITIES, f"method {method!r} has no METHOD_CAPABILITIES entry"
+        assert any(case.method == method for case in CASES), f"method {method!r} has no row in CASES"
 
 
 def _cases(**required):

@@ -4,7 +4,7 @@
     q = quantize_nf4(weight, blocksize=64, double_quant=True)   # NF4 + double quantization (QLoRA)
     q.dequantize(), q.nbytes, q.bits_per_parameter
 
-``NF4Linear`` is the frozen 4-bit linear layer that QLoRA (``tunelab.tuners.qlora``) puts under
+``NF4Linear`` is the frozen 4-bit linear layer that QLoRA (``tunelab.tuners.lora.qlora``) puts under
 its LoRA adapters. See docs/methods/qlora.md.
 """
 

@@ -10,12 +10,22 @@
     tuners.save(model, path, format="peft")                 # HF PEFT files; default: tunelab's format
     tuners.load(model, path)                                # either format, bare or tuned model
 
-The pieces: ``base`` (the wrapper-layer contract), ``targets`` (target_modules matching),
-``registry`` (one ``register`` call per method), ``core`` (the generic operations), one module per
-method (``lora``, ``full``), ``modules_to_save`` and ``peft_format`` (HF PEFT interop).
+Layout (imports point down this list; no circles, see tests/test_imports.py):
+
+- the core, at top level: ``base`` (the wrapper-layer contract), ``targets`` (target_modules
+  matching), ``peft_format`` (HF PEFT file layout, a leaf), ``modules_to_save`` (per-adapter head
+  copies), ``full``; ``registry`` (one ``register`` call per method, with its PEFT converters) and
+  ``core`` (the generic operations) above them;
+- ``lora/``: ``lora``, ``dora`` (a LoRA variant), ``qlora``, ``loraplus`` (an optimizer rule),
+  ``mixture`` (the learned mixture method), ``multi_lora`` (combination functions over named
+  adapters; uses ``core``), ``peft`` (the family's PEFT converters);
+- ``adapters/``: ``ia3``, ``bottleneck``, ``compacter``, ``adapterdrop`` (a training option);
+- ``prompts/``: ``prompt``, ``prefix``, ``p_tuning_v2``, ``prompt_learning`` (their shared layer),
+  ``prompt_peft`` (their PEFT converters), and CLIP prompt learning: ``coop``, ``vpt``, ``maple`` on
+  ``clip_layers``.
 """
 
-from tunelab.tuners.adapterdrop import parallel_adapters, set_adapter_drop
+from tunelab.tuners.adapters.adapterdrop import parallel_adapters, set_adapter_drop
 from tunelab.tuners.base import BaseTunerLayer, MethodConfig, tuner_layers
 from tunelab.tuners.core import (
     active_adapters,
@@ -33,7 +43,8 @@ from tunelab.tuners.core import (
     unload,
     unmerge,
 )
-from tunelab.tuners.loraplus import loraplus_param_groups
+from tunelab.tuners.lora import loraplus  # noqa: F401  (``from tunelab.tuners import loraplus`` still works)
+from tunelab.tuners.lora.loraplus import loraplus_param_groups
 from tunelab.tuners.registry import MethodSpec, build_config, register
 
 __all__ = [

@@ -4,8 +4,9 @@ Everything here is method-agnostic. A method (registry entry) only wraps its tar
 :class:`~tunelab.tuners.base.BaseTunerLayer` subclasses; the core then works through that small
 interface on every wrapper it finds (``base.tuner_layers``):
 
-- ``apply``: validate options, freeze the base (first adapter only), inject, wrap ``modules_to_save``,
-  activate the new adapter. Only adapter parameters then have ``requires_grad``.
+- ``apply``: validate options, freeze the base (first adapter only), inject, wrap ``modules_to_save``
+  (by default a task model's head, as HF PEFT), activate the new adapter. Only adapter parameters
+  (and the head's copy) then have ``requires_grad``.
 - ``set_active`` / ``disabled``: store names / a flag on every wrapper; outputs switch per call.
 - ``merge`` / ``unmerge`` / ``unload``: ask each wrapper to fold, unfold, or step aside.
 - ``save`` / ``load``: an adapter's tensors are ``spec.adapter_state(model, name)``; saving writes
@@ -63,9 +64,21 @@ def apply(model: nn.Module, method: str, *, adapter_name: str = "default", **opt
     Options use HF PEFT's names (``r``, ``lora_alpha``, ``target_modules``, ...). The first adapter
     freezes every base parameter; only adapter parameters train. The new adapter becomes the only
     active one (``set_active`` chooses several).
+
+    A task head is never left frozen: on a ``*ForSequenceClassification`` / ``*ForTokenClassification``
+    (/ ``*ForQuestionAnswering``) model the head (``classifier``, ``score``, ``qa_outputs``) goes to
+    ``modules_to_save``, so it trains and is saved with the adapter, as HF PEFT does for those task
+    types. An explicit ``modules_to_save`` (even ``None``) wins. Methods without that option get the
+    head unfrozen instead; full fine-tuning trains it anyway.
     """
+    spec = registry.get(method)
+    heads = peft_format.task_heads(model) if spec.keeps_base_weights and "modules_to_save" not in options else []
+    if heads and "modules_to_save" in spec.config_class.model_fields:
+        options, heads = {**options, "modules_to_save": heads}, []
     config = registry.build_config(method, options)
     add_adapter(model, config, adapter_name)
+    for head in heads:
+        model.get_submodule(head).requires_grad_(True)
     set_active(model, [adapter_name])
     return model
 
@@ -251,7 +264,7 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "tunelab",
     path = Path(path)
     configs = {name: state.configs[name] for name in names}
     if format == "peft":
-        peft_format.save(model, path, configs)
+        peft_format.save(model, path, configs, {name: registry.get(c.method) for name, c in configs.items()})
         return path
     tensors = {}
     for name, config in configs.items():
@@ -282,8 +295,10 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = N
         key_for: Callable[[str], str] = lambda key: key  # noqa: E731
     elif peft_format.is_peft_dir(path):
         name = adapter_name or "default"
-        config, tensors = peft_format.read(path)
-        entries, active, key_for = [(name, config, tensors)], [name], peft_format.key_map(config.method)
+        record, tensors = peft_format.read(path)
+        method, options = registry.for_peft_type(record.get("peft_type")).from_peft(record, tensors)
+        config = registry.build_config(method, options)
+        entries, active, key_for = [(name, config, tensors)], [name], registry.get(method).peft_key
     else:
         raise MethodError(f"no adapter in {path}: expected {OWN_CONFIG} (tunelab) or "
                           f"{peft_format.PEFT_CONFIG} (HF PEFT); pass the directory that save() wrote")

@@ -1,11 +1,18 @@
 """The method registry: one explicit ``register(...)`` call per method, at the bottom of this file.
 
 A :class:`MethodSpec` is everything the generic core needs from a method: its config class (options,
-validated), its ``inject`` function, and, for methods that do not keep their parameters in wrapper
-layers, how to find its tensors (``adapter_state``). Everything else (trainable flags, activation,
-disable, merge/unmerge/unload, save/load) the core does by asking the wrapper layers.
+validated), its ``inject`` function, for methods that do not keep their parameters in wrapper layers
+how to find its tensors (``adapter_state``), and, where HF PEFT has the method, its PEFT converters
+(``peft_type``, ``to_peft``, ``from_peft``, ``peft_key``, ``peft_state``), so ``peft_format`` stays a
+leaf that asks the entry. Everything else (trainable flags, activation, disable, merge/unmerge/unload,
+save/load) the core does by asking the wrapper layers.
 
-Adding a method: write ``tunelab/tuners/<method>.py`` (config + layer + inject), then add one
+Import direction: this module imports every method module; no method module imports it (or
+``core``), so there are no circles. CoOp / VPT / MaPLe (CLIP prompt learning) live in
+``tuners/prompts/`` like the other prompt methods; ``tunelab.multimodal`` keeps the CLIP model, the
+image world and the base-to-novel protocol, and imports ``tuners``, never the reverse.
+
+Adding a method: write ``tunelab/tuners/<family>/<method>.py`` (config + layer + inject), then add one
 ``register(MethodSpec(...))`` line below. No auto-discovery, no metaclasses.
 """
 
@@ -20,24 +27,17 @@ from pydantic import ValidationError
 from torch import nn
 
 from tunelab.errors import MethodError
-from tunelab.multimodal import coop, maple, vpt
-from tunelab.tuners import (
-    bottleneck,
-    compacter,
-    dora,
-    full,
-    ia3,
-    lora,
-    multi_lora,
-    p_tuning_v2,
-    prefix,
-    prompt,
-    qlora,
-)
+from tunelab.tuners import full, peft_format
+from tunelab.tuners.adapters import bottleneck, compacter, ia3
 from tunelab.tuners.base import MethodConfig, layer_adapter_state
+from tunelab.tuners.lora import dora, lora, mixture, qlora
+from tunelab.tuners.lora import peft as lora_peft
+from tunelab.tuners.prompts import coop, maple, p_tuning_v2, prefix, prompt, prompt_peft, vpt
 
 InjectFn = Callable[[nn.Module, MethodConfig, str], Any]
 AdapterStateFn = Callable[[nn.Module, str], dict[str, torch.Tensor]]
+ToPeftFn = Callable[[nn.Module, MethodConfig, str], dict]
+FromPeftFn = Callable[[dict, dict[str, torch.Tensor]], tuple[str, dict]]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,13 @@ class MethodSpec:
             into them. Default: the tensors the wrapper layers hold for that adapter.
         keeps_base_weights: False for methods that train the base weights themselves (full
             fine-tuning): they cannot be disabled or deactivated and cannot share a model with others.
+        peft_type: HF PEFT's ``peft_type`` of the method's files (None: no PEFT format).
+        to_peft: ``(model, config, adapter_name) -> adapter_config.json fields``.
+        from_peft: ``(adapter_config.json record, tensors) -> (method name, options)``; one entry per
+            ``peft_type`` has it (e.g. LoRA's returns "dora" for ``use_dora`` files).
+        peft_key: own tensor key -> PEFT key (default: the module path under ``base_model.model.``).
+        peft_state: the tensors PEFT stores when they are not the live ones (folded prefixes);
+            default ``adapter_state``.
     """
 
     name: str
@@ -61,6 +68,11 @@ class MethodSpec:
     summary: str = ""
     adapter_state: AdapterStateFn = layer_adapter_state
     keeps_base_weights: bool = True
+    peft_type: str | None = None
+    to_peft: ToPeftFn | None = None
+    from_peft: FromPeftFn | None = None
+    peft_key: Callable[[str], str] = peft_format.to_peft_key
+    peft_state: AdapterStateFn | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -86,6 +98,15 @@ def get(name: str) -> MethodSpec:
     return _REGISTRY[name]
 
 
+def for_peft_type(peft_type: str | None) -> MethodSpec:
+    """The entry that imports PEFT files of ``peft_type``; MethodError listing the supported types otherwise."""
+    for spec in _REGISTRY.values():
+        if spec.peft_type == peft_type and spec.from_peft is not None:
+            return spec
+    supported = sorted({spec.peft_type for spec in _REGISTRY.values() if spec.from_peft is not None})
+    raise MethodError(f"PEFT adapter type {peft_type!r} is not supported; tunelab imports: {', '.join(supported)}")
+
+
 def build_config(name: str, options: Mapping[str, Any]) -> MethodConfig:
     """Validate ``options`` for method ``name``; one-line MethodError naming the bad option."""
     spec = get(name)
@@ -104,15 +125,20 @@ def build_config(name: str, options: Mapping[str, Any]) -> MethodConfig:
                           "fix the value") from None
 
 
+LORA_PEFT = dict(peft_type="LORA", to_peft=lora_peft.to_peft)  # PEFT stores DoRA and QLoRA as LORA too
+PREFIX_PEFT = dict(peft_type="PREFIX_TUNING", to_peft=prompt_peft.prefix_to_peft, peft_key=prompt_peft.peft_key,
+                   peft_state=prompt_peft.prefix_state)
+
 register(MethodSpec("full", full.FullConfig, full.inject, summary="full fine-tuning: every parameter trains",
                     adapter_state=full.adapter_state, keeps_base_weights=False))
-register(MethodSpec("lora", lora.LoraConfig, lora.inject,
+# dora.inject serves lora too: PEFT's use_dora flag on a LoRA config selects the DoRA variant.
+register(MethodSpec("lora", lora.LoraConfig, dora.inject, **LORA_PEFT, from_peft=lora_peft.from_peft,
                     summary="LoRA / rsLoRA: a trainable low-rank update B A on frozen Linear weights"))
-register(MethodSpec("dora", dora.DoraConfig, dora.inject,
+register(MethodSpec("dora", dora.DoraConfig, dora.inject, **LORA_PEFT,
                     summary="DoRA: a trainable magnitude times the normalised direction W + s B A"))
-register(MethodSpec("qlora", qlora.QLoraConfig, qlora.inject,
+register(MethodSpec("qlora", qlora.QLoraConfig, qlora.inject, **LORA_PEFT,
                     summary="QLoRA: LoRA over NF4 4-bit base weights with double-quantized block constants"))
-register(MethodSpec("lora_mixture", multi_lora.LoraMixtureConfig, multi_lora.inject_mixture,
+register(MethodSpec("lora_mixture", mixture.LoraMixtureConfig, mixture.inject,
                     summary="a learned per-layer gate over k frozen LoRA experts (multi_lora.mixture)"))
 register(MethodSpec("coop", coop.CoOpConfig, coop.inject,
                     summary="CoOp: learnable text context vectors replace CLIP's hand-written prompt words"))
@@ -120,15 +146,18 @@ register(MethodSpec("vpt", vpt.VPTConfig, vpt.inject,
                     summary="VPT: learnable tokens in CLIP's vision transformer, at the input (shallow) or every layer (deep)"))
 register(MethodSpec("maple", maple.MaPLeConfig, maple.inject,
                     summary="MaPLe: deep text prompts plus vision prompts coupled to them by learned linear maps"))
-register(MethodSpec("ia3", ia3.IA3Config, ia3.inject,
+register(MethodSpec("ia3", ia3.IA3Config, ia3.inject, peft_type="IA3", to_peft=ia3.to_peft, from_peft=ia3.from_peft,
                     summary="(IA)³: learned vectors rescale keys, values and feed-forward activations (mergeable)"))
 register(MethodSpec("bottleneck", bottleneck.BottleneckConfig, bottleneck.inject,
                     summary="bottleneck adapters: a residual down/up MLP after attention and/or FFN (Houlsby, Pfeiffer)"))
 register(MethodSpec("compacter", compacter.CompacterConfig, compacter.inject, adapter_state=compacter.adapter_state,
                     summary="Compacter / Compacter++: adapters with low-rank Kronecker (PHM) projections"))
-register(MethodSpec("prompt_tuning", prompt.PromptTuningConfig, prompt.inject,
+register(MethodSpec("prompt_tuning", prompt.PromptTuningConfig, prompt.inject, peft_type="PROMPT_TUNING",
+                    to_peft=prompt_peft.prompt_tuning_to_peft, from_peft=prompt_peft.prompt_tuning_from_peft,
+                    peft_key=prompt_peft.peft_key,
                     summary="prompt tuning: n trainable virtual token embeddings prepended to the input"))
-register(MethodSpec("prefix_tuning", prefix.PrefixTuningConfig, prefix.inject,
+register(MethodSpec("prefix_tuning", prefix.PrefixTuningConfig, prefix.inject, **PREFIX_PEFT,
+                    from_peft=prompt_peft.prefix_from_peft,  # returns p_tuning_v2 for classification files
                     summary="prefix tuning: trainable key/value prefixes at every layer, optionally via an MLP"))
-register(MethodSpec("p_tuning_v2", p_tuning_v2.PTuningV2Config, p_tuning_v2.inject,
+register(MethodSpec("p_tuning_v2", p_tuning_v2.PTuningV2Config, p_tuning_v2.inject, **PREFIX_PEFT,
                     summary="P-Tuning v2: deep key/value prompts plus a trained linear head (NLU tasks)"))

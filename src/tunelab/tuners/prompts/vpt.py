@@ -11,10 +11,10 @@ replacing the previous layer's outputs at the prompt positions::
 Here the "head" is CLIP's frozen text side: the image feature (pooled CLS) is compared with the
 hand-written class prompts, so only the vision side adapts (the opposite of CoOp).
 
-How the code maps to it: :class:`~tunelab.multimodal.prompts.VisionPromptLayer` wraps
+How the code maps to it: :class:`~tunelab.tuners.prompts.clip_layers.VisionPromptLayer` wraps
 ``vision_model.embeddings`` and appends P (N × D) after the CLS and patch tokens (before CLIP's
 pre-layernorm, as MaPLe's implementation does); with ``deep=True`` each encoder layer i ≥ 1 is wrapped
-by :class:`~tunelab.multimodal.prompts.VisionDeepPromptLayer`, which overwrites the last N positions
+by :class:`~tunelab.tuners.prompts.clip_layers.VisionDeepPromptLayer`, which overwrites the last N positions
 with its own P_i. Tokens start Xavier-uniform with fan = 3·patch² + D, as in the VPT code.
 """
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from tunelab.multimodal import prompts
 from tunelab.tuners.base import MethodConfig
+from tunelab.tuners.prompts import clip_layers
 
 
 class VPTConfig(MethodConfig):
@@ -40,15 +40,15 @@ class VPTConfig(MethodConfig):
 
 def inject(model: nn.Module, config: VPTConfig, adapter_name: str) -> None:
     """Wrap the vision embeddings (and, deep, every vision layer after the first) and add prompt tokens."""
-    prefix = prompts.find_clip(model, "vpt")
+    prefix = clip_layers.find_clip(model, "vpt")
     vision = model.get_submodule(f"{prefix}vision_model")
     width, patch = vision.config.hidden_size, vision.config.patch_size
     count = config.num_virtual_tokens
-    reference = prompts.reference_weight(model, f"{prefix}vision_model.embeddings")
-    paths = [(f"{prefix}vision_model.embeddings", prompts.VisionPromptLayer)]
+    reference = clip_layers.reference_weight(model, f"{prefix}vision_model.embeddings")
+    paths = [(f"{prefix}vision_model.embeddings", clip_layers.VisionPromptLayer)]
     if config.deep:
-        paths += [(f"{prefix}vision_model.encoder.layers.{i}", prompts.VisionDeepPromptLayer)
-                  for i in range(1, prompts.layer_count(model, prefix, "vision_model"))]
+        paths += [(f"{prefix}vision_model.encoder.layers.{i}", clip_layers.VisionDeepPromptLayer)
+                  for i in range(1, clip_layers.layer_count(model, prefix, "vision_model"))]
     for path, layer_class in paths:
-        tokens = prompts.vpt_uniform_tokens(count, width, patch).to(reference)  # (N, D_vision)
-        prompts.wrap(model, path, layer_class).add_prompt(adapter_name, tokens)
+        tokens = clip_layers.vpt_uniform_tokens(count, width, patch).to(reference)  # (N, D_vision)
+        clip_layers.wrap(model, path, layer_class).add_prompt(adapter_name, tokens)

@@ -16,9 +16,9 @@ prompts through both branches, which is the point of the coupling ("vision-langu
 paper); MaPLe's defaults for ViT-B/16 are M = 2 and J = 9 of 12 layers.
 
 How the code maps to it: ``P_0`` is the ``prompt`` of a
-:class:`~tunelab.multimodal.prompts.TextContextLayer` on the token embedding, ``P_j`` of a
-:class:`~tunelab.multimodal.prompts.TextDeepPromptLayer` on text layer j; the vision wrappers
-(:class:`~tunelab.multimodal.prompts.VisionPromptLayer` on the embeddings, ``VisionDeepPromptLayer`` on
+:class:`~tunelab.tuners.prompts.clip_layers.TextContextLayer` on the token embedding, ``P_j`` of a
+:class:`~tunelab.tuners.prompts.clip_layers.TextDeepPromptLayer` on text layer j; the vision wrappers
+(:class:`~tunelab.tuners.prompts.clip_layers.VisionPromptLayer` on the embeddings, ``VisionDeepPromptLayer`` on
 layer j) hold ``coupling[name]`` = F_j and compute their tokens as ``F_j(P_j)`` from their text twin.
 """
 
@@ -27,8 +27,8 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from tunelab.multimodal import prompts
 from tunelab.tuners.base import MethodConfig
+from tunelab.tuners.prompts import clip_layers
 
 
 class MaPLeConfig(MethodConfig):
@@ -46,22 +46,22 @@ class MaPLeConfig(MethodConfig):
 
 def inject(model: nn.Module, config: MaPLeConfig, adapter_name: str) -> None:
     """Wrap the first J positions of both encoders; text layers get prompts, vision layers couplings."""
-    prefix = prompts.find_clip(model, "maple")
-    prompts.check_depth(model, prefix, config.prompt_depth, "maple")
+    prefix = clip_layers.find_clip(model, "maple")
+    clip_layers.check_depth(model, prefix, config.prompt_depth, "maple")
     count, depth = config.num_virtual_tokens, config.prompt_depth
-    text_width = prompts.hidden_size(model, prefix, "text_model")
-    vision_width = prompts.hidden_size(model, prefix, "vision_model")
+    text_width = clip_layers.hidden_size(model, prefix, "text_model")
+    vision_width = clip_layers.hidden_size(model, prefix, "vision_model")
     embedding = f"{prefix}text_model.embeddings.token_embedding"
-    reference = prompts.reference_weight(model, embedding)
-    first = prompts.text_context_init(model, embedding, count, config.init_token_ids, "maple")
-    text_tokens = [first] + [prompts.random_tokens(count, text_width).to(reference) for _ in range(1, depth)]
-    text_paths = [(embedding, prompts.TextContextLayer)] + [
-        (f"{prefix}text_model.encoder.layers.{j}", prompts.TextDeepPromptLayer) for j in range(1, depth)]
-    vision_paths = [(f"{prefix}vision_model.embeddings", prompts.VisionPromptLayer)] + [
-        (f"{prefix}vision_model.encoder.layers.{j}", prompts.VisionDeepPromptLayer) for j in range(1, depth)]
+    reference = clip_layers.reference_weight(model, embedding)
+    first = clip_layers.text_context_init(model, embedding, count, config.init_token_ids, "maple")
+    text_tokens = [first] + [clip_layers.random_tokens(count, text_width).to(reference) for _ in range(1, depth)]
+    text_paths = [(embedding, clip_layers.TextContextLayer)] + [
+        (f"{prefix}text_model.encoder.layers.{j}", clip_layers.TextDeepPromptLayer) for j in range(1, depth)]
+    vision_paths = [(f"{prefix}vision_model.embeddings", clip_layers.VisionPromptLayer)] + [
+        (f"{prefix}vision_model.encoder.layers.{j}", clip_layers.VisionDeepPromptLayer) for j in range(1, depth)]
     for tokens, (text_path, text_class), (vision_path, vision_class) in zip(
             text_tokens, text_paths, vision_paths, strict=True):
-        text_layer = prompts.wrap(model, text_path, text_class)
+        text_layer = clip_layers.wrap(model, text_path, text_class)
         text_layer.add_prompt(adapter_name, tokens)  # P_j (M, d_t)
         coupling = nn.Linear(text_width, vision_width).to(reference)  # F_j
-        prompts.wrap(model, vision_path, vision_class).set_coupling(adapter_name, text_layer, coupling)
+        clip_layers.wrap(model, vision_path, vision_class).set_coupling(adapter_name, text_layer, coupling)

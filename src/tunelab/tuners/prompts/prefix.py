@@ -40,7 +40,7 @@ from transformers import DynamicCache
 
 from tunelab.errors import MethodError
 from tunelab.tuners.base import MethodConfig, get_state
-from tunelab.tuners.prompt_learning import (
+from tunelab.tuners.prompts.prompt_learning import (
     PREFIX_ATTRIBUTE,
     PromptLearningLayer,
     accepts,

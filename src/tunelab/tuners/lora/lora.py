@@ -85,9 +85,9 @@ class LoraConfig(MethodConfig):
     alpha_pattern: dict[str, PositiveFloat] = Field(default_factory=dict)
     """Per-module lora_alpha, matched like rank_pattern."""
     use_dora: bool = False
-    """DoRA (weight-decomposed LoRA, see tuners/dora.py): a magnitude vector times the normalised W + s B A."""
+    """DoRA (weight-decomposed LoRA, see tuners/lora/dora.py): a magnitude vector times the normalised W + s B A."""
     loraplus_lr_ratio: float | None = Field(None, gt=0)
-    """LoRA+ (see tuners/loraplus.py): B trains at learning_rate x this ratio (16 in the paper); None: off."""
+    """LoRA+ (see tuners/lora/loraplus.py): B trains at learning_rate x this ratio (16 in the paper); None: off."""
 
 
 class LoraVariant(Protocol):
@@ -233,10 +233,6 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, *,
     the model untouched.
     """
     targets.check_regex(config.target_modules)
-    if variant_factory is None and config.use_dora:
-        from tunelab.tuners.dora import DoraVariant  # imported late: dora builds on this module
-
-        variant_factory = DoraVariant
     if config.target_modules is None:
         config.target_modules = targets.default_target_modules(model)
     paths = targets.find_targets(model, config.target_modules, linear_types)

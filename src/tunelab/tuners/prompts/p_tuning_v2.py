@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import nn
 
 from tunelab.errors import MethodError
-from tunelab.tuners import prefix
+from tunelab.tuners.prompts import prefix
 from tunelab.tuners.targets import CLASSIFIER_HEAD_NAMES
 
 

@@ -13,7 +13,7 @@ Initialising them from the embeddings of "a photo of a" (``init_token_ids``) sta
 at zero-shot CLIP; the paper's default is N(0, 0.02²).
 
 How the code maps to it: the caller's class prompts keep the template, "a photo of a red circle"
-(``ZeroShotClassifier``); :class:`~tunelab.multimodal.prompts.TextContextLayer` wraps
+(``ZeroShotClassifier``); :class:`~tunelab.tuners.prompts.clip_layers.TextContextLayer` wraps
 ``text_model.embeddings.token_embedding`` and replaces the embeddings at positions 1..M (the template
 words) by ``prompt[name]`` = [V1..VM]. Positional embeddings, the causal mask and EOS pooling are
 CLIP's own, unchanged.
@@ -24,8 +24,8 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from tunelab.multimodal import prompts
 from tunelab.tuners.base import MethodConfig
+from tunelab.tuners.prompts import clip_layers
 
 
 class CoOpConfig(MethodConfig):
@@ -41,7 +41,7 @@ class CoOpConfig(MethodConfig):
 
 def inject(model: nn.Module, config: CoOpConfig, adapter_name: str) -> None:
     """Wrap the text token embedding (or reuse its wrapper) and add the adapter's context vectors."""
-    prefix = prompts.find_clip(model, "coop")
+    prefix = clip_layers.find_clip(model, "coop")
     path = f"{prefix}text_model.embeddings.token_embedding"
-    context = prompts.text_context_init(model, path, config.num_virtual_tokens, config.init_token_ids, "coop")
-    prompts.wrap(model, path, prompts.TextContextLayer).add_prompt(adapter_name, context)  # (M, D_text)
+    context = clip_layers.text_context_init(model, path, config.num_virtual_tokens, config.init_token_ids, "coop")
+    clip_layers.wrap(model, path, clip_layers.TextContextLayer).add_prompt(adapter_name, context)  # (M, D_text)

@@ -38,10 +38,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from tunelab import IGNORE_INDEX
 from tunelab.errors import MethodError, ModelError
 from tunelab.tuners.base import MethodConfig
-from tunelab.tuners.prompt_learning import (
-    IGNORE_INDEX,
+from tunelab.tuners.prompts.prompt_learning import (
     PROMPT_ATTRIBUTE,
     PromptLearningLayer,
     accepts,

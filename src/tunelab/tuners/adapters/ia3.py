@@ -29,8 +29,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tunelab.errors import MethodError
-from tunelab.tuners import targets
-from tunelab.tuners.base import BaseTunerLayer, MethodConfig
+from tunelab.tuners import peft_format, targets
+from tunelab.tuners.base import BaseTunerLayer, MethodConfig, tuner_layers
 
 # model_type -> (target_modules, feedforward_modules): HF PEFT's IA3 defaults (keys, values, FFN output).
 DEFAULT_MODULES: dict[str, tuple[list[str], list[str]]] = {
@@ -209,9 +209,6 @@ def _check_target(path: str, module: nn.Module) -> None:
 
 def to_peft(model: nn.Module, config: IA3Config, adapter_name: str) -> dict:
     """PEFT ``IA3Config`` fields for a tunelab (IA)³ adapter (weights: ``<path>.ia3_l``, PEFT's keys)."""
-    from tunelab.tuners import peft_format
-    from tunelab.tuners.base import tuner_layers
-
     layers = {path: layer for path, layer in tuner_layers(model)
               if isinstance(layer, IA3Layer) and adapter_name in layer.ia3_l}
     target_modules, feedforward_modules = config.target_modules, config.feedforward_modules
@@ -223,7 +220,7 @@ def to_peft(model: nn.Module, config: IA3Config, adapter_name: str) -> dict:
         target_modules = sorted(layers)
         feedforward_modules = sorted(path for path, layer in layers.items() if layer.feedforward)
     return {
-        "peft_type": "IA3", "task_type": peft_format.task_type(model),
+        "peft_type": "IA3", "task_type": peft_format.export_task_type(model, config),
         "base_model_name_or_path": peft_format.base_model_name(model), "revision": None, "inference_mode": True,
         "target_modules": target_modules, "exclude_modules": None, "feedforward_modules": feedforward_modules,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
@@ -231,10 +228,8 @@ def to_peft(model: nn.Module, config: IA3Config, adapter_name: str) -> dict:
     }
 
 
-def from_peft(record: dict, tensors: dict[str, torch.Tensor]) -> IA3Config:
-    """A tunelab ``IA3Config`` for a PEFT IA3 adapter: targets are the modules that have ``ia3_l`` vectors."""
-    from tunelab.tuners import peft_format, registry
-
+def from_peft(record: dict, tensors: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    """``("ia3", options)`` for a PEFT IA3 adapter: targets are the modules that have ``ia3_l`` vectors."""
     vectors = {key.removeprefix(peft_format.PEFT_PREFIX).removesuffix(".ia3_l"): value
                for key, value in tensors.items() if key.endswith(".ia3_l")}
     if not vectors:
@@ -245,4 +240,4 @@ def from_peft(record: dict, tensors: dict[str, torch.Tensor]) -> IA3Config:
     options = {"target_modules": sorted(vectors), "feedforward_modules": feedforward,
                "fan_in_fan_out": bool(record.get("fan_in_fan_out", False)),
                "modules_to_save": record.get("modules_to_save") or None}
-    return registry.build_config("ia3", options)
+    return "ia3", options

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from tunelab.errors import MethodError
+from tunelab.tuners.adapters.bottleneck import AdapterLayer, find_blocks
 from tunelab.tuners.base import get_state, tuner_layers
-from tunelab.tuners.bottleneck import AdapterLayer, find_blocks
 
 
 def adapter_layers(model: nn.Module) -> list[AdapterLayer]:

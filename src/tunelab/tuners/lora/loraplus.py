@@ -37,7 +37,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 
 from tunelab.errors import ConfigError
 from tunelab.tuners import targets
-from tunelab.tuners.base import BaseTunerLayer
+from tunelab.tuners.base import BaseTunerLayer, get_state
 
 DEFAULT_RATIO = 16.0  # the paper's recommendation for lambda = eta_B / eta_A
 DEFAULT_LR_EMBEDDING = 1e-6  # HF PEFT's default rate for LoRA on embedding layers
@@ -99,9 +99,9 @@ def configured_ratio(model: nn.Module) -> float | None:
 
     Several adapters must agree (one optimizer serves them all).
     """
-    from tunelab.tuners import core
-
-    ratios = {getattr(config, "loraplus_lr_ratio", None) for config in core.adapters(model).values()} - {None}
+    state = get_state(model)
+    configs = state.configs.values() if state else []
+    ratios = {getattr(config, "loraplus_lr_ratio", None) for config in configs} - {None}
     if len(ratios) > 1:
         raise ConfigError(f"adapters set different loraplus_lr_ratio values {sorted(ratios)}; use one ratio")
     return next(iter(ratios), None)

@@ -27,14 +27,13 @@ from torch import nn
 from tunelab.errors import MethodError
 from tunelab.tuners import peft_format
 from tunelab.tuners.base import MethodConfig, layer_adapter_state
-from tunelab.tuners.prefix import PrefixLayer, folded_prefixes, kv_geometry
-from tunelab.tuners.prompt_learning import PREFIX_ATTRIBUTE, PROMPT_ATTRIBUTE
+from tunelab.tuners.prompts.prefix import PrefixLayer, folded_prefixes, kv_geometry
+from tunelab.tuners.prompts.prompt_learning import PREFIX_ATTRIBUTE, PROMPT_ATTRIBUTE
 
 PEFT_PROMPT_KEY = "prompt_embeddings"
 PROMPT_KEY = f"{PROMPT_ATTRIBUTE}.prompt_embeddings"  # tunelab's own key of the prompt tensor
 PREFIX_KEY = f"{PREFIX_ATTRIBUTE}.prefix_embeddings"
 _OWN_KEYS = (PROMPT_KEY, PREFIX_KEY)
-_COPY_MARKER = ".modules_to_save."
 CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
@@ -43,7 +42,7 @@ def peft_key(own_key: str) -> str:
     -> ``base_model.classifier.weight`` (prompt learning: PEFT's base_model is the model itself)."""
     if own_key in _OWN_KEYS:
         return PEFT_PROMPT_KEY
-    return "base_model." + own_key.replace(_COPY_MARKER, ".", 1)
+    return "base_model." + own_key.replace(peft_format.COPY_MARKER, ".", 1)
 
 
 def prefix_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -115,27 +114,17 @@ def _check_prompt_record(record: dict, tensors: dict[str, torch.Tensor]) -> int:
     return int(tensors[PEFT_PROMPT_KEY].shape[0])
 
 
-def prompt_tuning_from_peft(record: dict, tensors: dict[str, torch.Tensor]) -> MethodConfig:
-    """A tunelab prompt-tuning config for a PEFT ``PROMPT_TUNING`` adapter (the file's embeddings are the init)."""
-    from tunelab.tuners import registry
-
+def prompt_tuning_from_peft(record: dict, tensors: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    """``("prompt_tuning", options)`` for a PEFT ``PROMPT_TUNING`` adapter (the file's embeddings are the init)."""
     n = _check_prompt_record(record, tensors)
-    return registry.build_config("prompt_tuning", {"num_virtual_tokens": n,
-                                                   "modules_to_save": _modules_to_save(record, tensors)})
+    return "prompt_tuning", {"num_virtual_tokens": n, "modules_to_save": _modules_to_save(record, tensors)}
 
 
-def prefix_from_peft(record: dict, tensors: dict[str, torch.Tensor]) -> MethodConfig:
-    """A tunelab prefix config for a PEFT ``PREFIX_TUNING`` adapter; its prefixes are folded (no MLP)."""
-    from tunelab.tuners import registry
-
+def prefix_from_peft(record: dict, tensors: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    """``("prefix_tuning" | "p_tuning_v2", options)`` for a PEFT ``PREFIX_TUNING`` adapter; prefixes come folded."""
     n = _check_prompt_record(record, tensors)
     method = "p_tuning_v2" if record.get("task_type") in CLASSIFICATION_TASKS else "prefix_tuning"
-    return registry.build_config(method, {"num_virtual_tokens": n, "prefix_projection": False,
-                                          "encoder_hidden_size": record.get("encoder_hidden_size"),
-                                          "modules_to_save": _modules_to_save(record, tensors)})
+    return method, {"num_virtual_tokens": n, "prefix_projection": False,
+                    "encoder_hidden_size": record.get("encoder_hidden_size"),
+                    "modules_to_save": _modules_to_save(record, tensors)}
 
-
-EXPORTERS = {"prompt_tuning": prompt_tuning_to_peft, "prefix_tuning": prefix_to_peft, "p_tuning_v2": prefix_to_peft}
-IMPORTERS = {"PROMPT_TUNING": prompt_tuning_from_peft, "PREFIX_TUNING": prefix_from_peft}
-KEY_MAPS = {method: peft_key for method in EXPORTERS}
-STATE_EXPORTS = {"prefix_tuning": prefix_state, "p_tuning_v2": prefix_state}

@@ -37,9 +37,9 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.errors import MethodError
-from tunelab.tuners import bottleneck
+from tunelab.tuners.adapters import bottleneck
+from tunelab.tuners.adapters.bottleneck import ACTIVATIONS, AdapterPlacementConfig
 from tunelab.tuners.base import layer_adapter_state
-from tunelab.tuners.bottleneck import ACTIVATIONS, AdapterPlacementConfig
 
 PLACEMENT = {"compacter": "houlsby", "compacter++": "pfeiffer"}
 

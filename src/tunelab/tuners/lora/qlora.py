@@ -39,8 +39,10 @@ from torch import nn
 
 from tunelab.errors import MethodError, ModelError
 from tunelab.quant.nf4 import BLOCKSIZES, NF4Linear
-from tunelab.tuners import lora, targets
+from tunelab.tuners import targets
 from tunelab.tuners.base import BaseTunerLayer, get_state
+from tunelab.tuners.lora import lora
+from tunelab.tuners.lora.dora import DoraVariant
 from tunelab.utils import atomic_path, atomic_write_json
 
 QUANT_CONFIG = "tunelab_quantized.json"
@@ -134,7 +136,9 @@ def inject(model: nn.Module, config: QLoraConfig, adapter_name: str) -> list[str
         config.target_modules = targets.ALL_LINEAR
     paths = quantize_model(model, config.target_modules, config.blocksize, config.double_quant, config.compute_dtype)
     _check_layers(model, paths, config)
-    return lora.inject(model, config, adapter_name, layer_class=QLoraLayer, linear_types=(NF4Linear,))
+    variant_factory = DoraVariant if config.use_dora else None  # QDoRA: PEFT's use_dora on a 4-bit base
+    return lora.inject(model, config, adapter_name, layer_class=QLoraLayer, linear_types=(NF4Linear,),
+                       variant_factory=variant_factory)
 
 
 # ------------------------------------------------------------------------------- quantized checkpoints
@@ -151,7 +155,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
                           "(or after tuners.unload)")
     layers = {name: module.spec() for name, module in model.named_modules() if isinstance(module, NF4Linear)}
     if not layers:
-        raise MethodError("the model has no NF4 layers; call tunelab.tuners.qlora.quantize_model(model) first")
+        raise MethodError("the model has no NF4 layers; call tunelab.tuners.lora.qlora.quantize_model(model) first")
     tensors, seen = {}, set()
     for key, tensor in model.state_dict().items():
         pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
@@ -182,7 +186,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         state = load_file(str(path / QUANT_WEIGHTS))
     except (OSError, ValueError) as error:
         raise ModelError(f"no readable quantized checkpoint in {path} ({type(error).__name__}); "
-                         "write one with tunelab.tuners.qlora.save_quantized") from None
+                         "write one with tunelab.tuners.lora.qlora.save_quantized") from None
     for name, spec in record["layers"].items():
         spec = {**spec, "dtype": getattr(torch, spec["dtype"])}
         try:

@@ -45,7 +45,6 @@ from torch import nn
 from tunelab.errors import MethodError
 from tunelab.tuners.base import BaseTunerLayer
 
-IGNORE_INDEX = -100
 PROMPT_ATTRIBUTE = "tunelab_prompt"  # input-embedding prompts (prompt tuning)
 PREFIX_ATTRIBUTE = "tunelab_prefix"  # per-layer key/value prefixes (prefix tuning, P-Tuning v2)
 LAYER_ORDER = (PROMPT_ATTRIBUTE, PREFIX_ATTRIBUTE)  # prompts first: prefixes shift what prompts produced

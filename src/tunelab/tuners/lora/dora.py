@@ -57,8 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.tuners import lora
-from tunelab.tuners.lora import LoraConfig, LoraLayer
+from tunelab.tuners.base import tuner_layers
+from tunelab.tuners.lora import lora
+from tunelab.tuners.lora.lora import LoraConfig, LoraLayer
 
 DENSE_RANK_FRACTION = 0.25  # r above this fraction of min(in, out): the dense norm does less work
 MIN_RECONSTRUCT_FACTOR = 1e-3  # |g| below this anywhere: keep u for backward instead of dividing by g
@@ -138,7 +139,7 @@ class DoraScale(torch.autograd.Function):
 
 
 class DoraVariant:
-    """The DoRA hook on one adapter of one :class:`~tunelab.tuners.lora.LoraLayer`.
+    """The DoRA hook on one adapter of one :class:`~tunelab.tuners.lora.lora.LoraLayer`.
 
     Holds no parameters (the magnitude lives in ``layer.lora_magnitude_vector[name]``), only caches and
     the merge-time factor ``g``.
@@ -225,14 +226,16 @@ class DoraVariant:
         return restored.to(base_weight.dtype)
 
 
-def inject(model: nn.Module, config: DoraConfig, adapter_name: str) -> list[str]:
-    """Add DoRA adapter ``adapter_name`` (LoRA's injection with the DoRA variant)."""
-    return lora.inject(model, config, adapter_name, variant_factory=DoraVariant)
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """LoRA's injection, with the DoRA variant where ``use_dora`` is set.
+
+    Registered for ``dora`` (always set) and for ``lora`` (PEFT's ``use_dora=True`` flag), so
+    ``lora`` needs no import of this module.
+    """
+    return lora.inject(model, config, adapter_name, variant_factory=DoraVariant if config.use_dora else None)
 
 
 def magnitudes(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """``{module path: m}`` of one DoRA adapter (for inspection and tests)."""
-    from tunelab.tuners.base import tuner_layers
-
     return {path: layer.lora_magnitude_vector[adapter_name] for path, layer in tuner_layers(model)
             if adapter_name in getattr(layer, "lora_magnitude_vector", {})}
