@@ -67,11 +67,12 @@ def processes():
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
-def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path, processes):
+@pytest.mark.parametrize("variant", [[], ["--seam"]], ids=["collate-fn", "objective-module-and-group-sampler"])
+def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path, processes, variant):
     straight, killed, go = tmp_path / "straight", tmp_path / "killed", tmp_path / "go"
-    uninterrupted = _worker(straight)  # runs alongside the one we kill
-    victim = _worker(killed, "--pause-at", "12")
-    resumer = _worker(killed, "--resume", "--wait-for", str(go))  # a new process; waits for the kill
+    uninterrupted = _worker(straight, *variant)  # runs alongside the one we kill
+    victim = _worker(killed, "--pause-at", "12", *variant)
+    resumer = _worker(killed, "--resume", "--wait-for", str(go), *variant)  # a new process; waits for the kill
     processes += [uninterrupted, victim, resumer]
     deadline = time.monotonic() + 300
     while not (killed / "paused").exists():
@@ -102,6 +103,15 @@ def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path, processes)
     # the metrics log reads as one run: same steps, losses, lrs, grad norms and eval losses
     assert _without_timing(_metrics(killed)) == _without_timing(_metrics(straight))
     assert sum("eval_loss" in line for line in _metrics(killed)) == 4
+    if variant:  # the objective's module trained, was checkpointed and resumed; its state and metrics too
+        final_straight = ckpt.load_checkpoint(straight)
+        final_killed = ckpt.load_checkpoint(killed)
+        assert torch.equal(final_killed.trainable["objective.0.log_sigma"], final_straight.trainable["objective.0.log_sigma"])
+        assert float(final_straight.trainable["objective.0.log_sigma"]) != pytest.approx(0.3)
+        assert final_killed.objective["calls"] == final_straight.objective["calls"] == 40 * 2
+        assert torch.equal(final_killed.objective["running"], final_straight.objective["running"])
+        assert final_killed.state["data"] == final_straight.state["data"] and "groups" in final_killed.state["data"]
+        assert all("nll" in line and "sigma" in line for line in _metrics(killed) if "loss" in line)
 
 
 def _load_worker():
