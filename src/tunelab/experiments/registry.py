@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tunelab.align import DPOObjective, GRPOObjective, KTOObjective, PPOObjective, RewardObjective
 from tunelab.errors import ConfigError
 from tunelab.objectives import (
     ClassificationObjective,
@@ -93,3 +94,8 @@ register_objective("classification", ClassificationObjective,
                    "sequence classification with a task head: cross-entropy, accuracy")
 register_objective("token_classification", TokenClassificationObjective,
                    "token classification (NER, BIO tags) with a tagging head: cross-entropy, entity F1")
+register_objective("reward", RewardObjective, "Bradley-Terry reward model: scalar head on any backbone/method, pairwise accuracy")
+register_objective("dpo", DPOObjective, "DPO family (sigmoid, ipo, hinge, robust; reference-free orpo, simpo) vs an explicit reference")
+register_objective("kto", KTOObjective, "KTO from unpaired desirable/undesirable completions (or split preference pairs)")
+register_objective("ppo", PPOObjective, "PPO: sample, score, clipped surrogate + value head, adaptive KL to the reference")
+register_objective("grpo", GRPOObjective, "GRPO: G samples per prompt, group-normalised advantages, no value model")
