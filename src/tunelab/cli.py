@@ -41,13 +41,26 @@ def _results_table(results: list[dict]) -> Table:
     return table
 
 
-def _run(config: Path, overrides: list[str], in_process: bool) -> list[dict]:
+class Interrupted(TunelabError):
+    """Ctrl-C during a run: exit 130 with the command that resumes it."""
+
+    exit_code = 130
+
+
+def _run(config: Path, overrides: list[str], in_process: bool, resume: bool = False) -> list[dict]:
+    import shlex
+
     from tunelab.experiments.runner import run_experiment
     from tunelab.experiments.spec import load_spec
 
     spec = load_spec(config, overrides)
     console.print(f"[bold]tunelab run[/bold] {spec.name} → {spec.run_dir}")
-    results = run_experiment(spec, progress=True, isolate=not in_process, console=console)
+    try:
+        results = run_experiment(spec, progress=True, isolate=not in_process, console=console, resume=resume)
+    except KeyboardInterrupt:
+        again = shlex.join(["tunelab", "run", str(config), *overrides, "--resume"])
+        raise Interrupted(f"interrupted; finished cells are kept in {spec.run_dir}, and `{again}` continues "
+                          "the unfinished one (from its last checkpoint when train.save_every is set)") from None
     console.print(_results_table(results))
     console.print(f"report: {spec.run_dir / 'report.md'} and {spec.run_dir / 'report.html'}")
     return results
@@ -71,9 +84,12 @@ def run(
     config: Annotated[Path, typer.Argument(help="Experiment YAML (see docs/experiments.md).")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=50")] = None,
     in_process: Annotated[bool, typer.Option(help="Run cells in this process instead of one subprocess each.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run (an error if there is none); a plain "
+                                         "rerun resumes too.")] = False,
 ) -> None:
-    """Run an experiment spec: every grid cell, then the report. Finished cells are skipped."""
-    _run(config, overrides or [], in_process)
+    """Run an experiment spec: every grid cell, then the report. Finished cells are skipped, an unfinished
+    one continues from its last checkpoint, and a cell whose config changed runs again."""
+    _run(config, overrides or [], in_process, resume)
 
 
 @app.command()
@@ -146,15 +162,10 @@ def generate(
 ) -> None:
     """Greedy generation (KV cache) from a model, optionally with an adapter."""
     from tunelab.eval.generate import greedy
-    from tunelab.models import zoo
 
-    loaded, tokenizer = zoo.load(model)
+    loaded, tokenizer = _load_model(model)
     if adapter is not None:
-        from tunelab import tuners
-
-        if not adapter.exists():
-            raise TunelabError(f"adapter directory not found: {adapter}")
-        tuners.load(loaded, adapter)
+        _load_adapter(loaded, adapter)
     texts = prompt
     if template != "none":
         from tunelab.data.templates import render_prompt
@@ -164,25 +175,79 @@ def generate(
         console.print(f"[bold]{source}[/bold]\n{output}\n")
 
 
+def _load_model(name: str):
+    from tunelab.models import zoo
+
+    try:
+        return zoo.load(name)
+    except TunelabError:
+        raise
+    except Exception as error:  # empty, truncated or corrupt model files
+        raise ModelError(f"cannot load model {name!r}: {type(error).__name__}: {_first_line(error)}") from None
+
+
+def _load_adapter(model, adapter: Path) -> None:
+    """``tuners.load`` with every way an adapter directory can be broken reported as one line."""
+    import pickle
+
+    from tunelab import tuners
+
+    if not adapter.exists():
+        raise TunelabError(f"adapter directory not found: {adapter}")
+    if not adapter.is_dir():
+        raise TunelabError(f"adapter path {adapter} is a file; pass the directory holding the adapter files")
+    try:
+        tuners.load(model, adapter)
+    except TunelabError:
+        raise
+    except pickle.UnpicklingError:
+        raise TunelabError(f"adapter {adapter}: refusing a pickle file (only safetensors adapters load)") from None
+    except Exception as error:  # corrupt safetensors, malformed adapter_config.json, ...
+        raise TunelabError(f"adapter {adapter} cannot be loaded: {type(error).__name__}: {_first_line(error)}") from None
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not bool(parameter.isfinite().all()):
+            raise TunelabError(f"adapter {adapter}: tensor {name} holds NaN or infinite values; retrain or "
+                               "re-export the adapter")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
+def _usage_error(error: Exception) -> str | None:
+    """The one-line message of a click usage error (typer bundles its own click: both are recognised)."""
+    names = {"UsageError", "NoSuchOption", "BadOptionUsage", "BadArgumentUsage", "BadParameter",
+             "MissingParameter", "NoArgsIsHelpError"}
+    if not any(cls.__name__ in names for cls in type(error).__mro__):
+        return None
+    ctx = getattr(error, "ctx", None)
+    usage = ctx.get_usage().replace("\n", " ").strip() if ctx is not None else "Usage: tunelab COMMAND [ARGS]..."
+    usage = " ".join(usage.replace("python -m tunelab.cli", "tunelab").split())
+    if type(error).__name__ == "NoArgsIsHelpError":
+        message = "missing command" if ctx is None or ctx.parent is None else "missing arguments"
+    else:
+        message = error.format_message() if hasattr(error, "format_message") else str(error)
+    return f"{' '.join(message.split())} ({usage}; see --help)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: user errors become one line and exit code 2."""
+    """Console entry point: user errors become one line and exit code 2; Ctrl-C exits 130."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="tunelab")
     except TunelabError as error:
         err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        err_console.print("interrupted", markup=False, highlight=False)
         return 130
     except Exception as error:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            return error.exit_code
-        if isinstance(error, click.exceptions.Abort):
-            return 1
+        message = _usage_error(error)
+        if message is not None:
+            err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+            return 2
+        if type(error).__name__ == "Abort":
+            return 130
         raise
     return 0
 

@@ -73,8 +73,28 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids if bos is None or ids[:1] == [bos] else [int(bos)] + ids
 
 
-def _encode(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The most positions the model can attend over (``max_position_embeddings``), if its config says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def truncate_left(ids: list[int], budget: int, bos: int | None) -> list[int]:
+    """Keep the last ``budget`` tokens (the ones next to the answer), and BOS in front, as training does."""
+    if len(ids) <= budget:
+        return ids
+    keep_bos = bos is not None and ids[:1] == [bos]
+    return ([bos] if keep_bos else []) + ids[len(ids) - budget + int(keep_bos) :]
+
+
+def _encode(tokenizer, prompts: Sequence[str], budget: int | None = None) -> list[list[int]]:
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    if budget is not None:
+        encoded = [truncate_left(ids, max(budget, 1), tokenizer.bos_token_id) for ids in encoded]
     for i, ids in enumerate(encoded):
         if not ids:
             raise DataError(
@@ -151,6 +171,7 @@ def greedy(
     stop_at_eos: bool = True,
     progress: bool = True,
     stop_token_ids: Sequence[int] | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (only the new text), batched, using the KV cache.
 
@@ -166,6 +187,9 @@ def greedy(
             batch once every row has one; False always generates ``max_new_tokens`` tokens.
         progress: show a progress bar over batches (only when there is more than one batch).
         stop_token_ids: extra token ids that end a continuation like EOS (e.g. a chat end marker).
+        max_prompt_tokens: cut longer prompts from the left (BOS kept), as the training collators do
+            (pass ``data.max_length``). Prompts are always cut to the model's position limit minus
+            ``max_new_tokens``, so that prompt and continuation fit the positions the model has.
 
     Returns:
         One string per prompt, in input order: the generated tokens decoded with
@@ -182,7 +206,11 @@ def greedy(
         )
     if not prompts or max_new_tokens == 0:
         return ["" for _ in prompts]
-    encoded = _encode(tokenizer, prompts)
+    budget = max_prompt_tokens
+    limit = position_limit(model)
+    if limit is not None:
+        budget = min(budget or limit, limit - max_new_tokens)
+    encoded = _encode(tokenizer, prompts, budget)
     eos_ids = _eos_ids(tokenizer, stop_token_ids) if stop_at_eos else []
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # stable: ties keep input order

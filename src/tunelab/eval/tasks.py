@@ -26,7 +26,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -46,6 +48,31 @@ MAIN_METRIC_BY_KIND = {
     "extractive_qa": "exact_match",
     "ner": "entity_f1",
 }
+
+_PREDICTIONS: ContextVar[list | None] = ContextVar("tunelab_predictions", default=None)
+
+
+@contextmanager
+def recording() -> Iterator[list[dict]]:
+    """Collect every prediction the evaluators in this module make, for reports and files::
+
+        with recording() as predictions:
+            objective.evaluate(model, records)
+        predictions  # [{"id", "prompt", "reference", "prediction"}, ...] (classifiers: label / prediction)
+    """
+    collected: list[dict] = []
+    token = _PREDICTIONS.set(collected)
+    try:
+        yield collected
+    finally:
+        _PREDICTIONS.reset(token)
+
+
+def _record_predictions(rows: list[dict]) -> None:
+    collected = _PREDICTIONS.get()
+    if collected is not None:
+        collected.extend(rows)
+
 
 _ENTITY = re.compile(r"^(?P<text>.+?)\s*\[(?P<type>[^\[\]]+)\]$")  # "Zelvorin [DRUG]"
 
@@ -134,7 +161,7 @@ def _score_kind(
     kind: str, records: Sequence[Mapping[str, Any]], generations: Sequence[str]
 ) -> dict[str, float]:
     if kind in ("generation", "chat"):
-        refs = [reference_text(r) for r in records]
+        refs = [list(r["references"]) if r.get("references") else reference_text(r) for r in records]
         return {
             "exact_match": metrics.exact_match(generations, refs),
             "token_f1": metrics.token_f1(generations, refs),
@@ -194,6 +221,7 @@ def evaluate_records(
     template: str = "plain",
     limit: int | None = None,
     progress: bool = True,
+    max_prompt_tokens: int | None = None,
 ) -> dict[str, float]:
     """Evaluate a causal LM generatively on records of any mix of tasks.
 
@@ -206,6 +234,8 @@ def evaluate_records(
         template: prompt template name, passed to ``render``.
         limit: evaluate at most this many records *per task* (the first ones), or all when None.
         progress: show a progress bar over generation batches.
+        max_prompt_tokens: prompts are cut from the left to this many tokens, as in training
+            (``data.max_length``); always to the model's position limit (:func:`greedy`).
 
     Returns:
         ``{"<task>/<metric>": value, ..., "<task>/score": main metric, "score": macro average}``.
@@ -220,8 +250,12 @@ def evaluate_records(
     selected = [r for group in groups.values() for r in group]
     prompts = [render(r, template, tokenizer=tokenizer) for r in selected]
     generations = greedy(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+        max_prompt_tokens=max_prompt_tokens,
     )
+    _record_predictions([{"id": r.get("id"), "task": _group_key(r), "prompt": p,
+                          "reference": r.get("response", r.get("label")), "prediction": g}
+                         for r, p, g in zip(selected, prompts, generations, strict=True)])
     results: dict[str, float] = {}
     start = 0
     for task, group in groups.items():
@@ -285,10 +319,12 @@ def evaluate_classifier(
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Accuracy of a sequence classifier: ``mean(argmax(logits) == label)``.
+    """Accuracy and macro-F1 of a sequence classifier: ``mean(argmax(logits) == label)``.
 
     ``collator(list_of_records)`` must return tensors including ``labels`` (B,) of class ids; logits
-    are (B, C). Returns ``{"accuracy", "score"}``.
+    are (B, C). Macro-F1 is the unweighted mean over the classes present (in references or
+    predictions) of ``2·P·R / (P + R)``, so a model that always answers the majority class scores its
+    frequency in accuracy but far less in macro-F1. Returns ``{"accuracy", "macro_f1", "score"}``.
     """
     if not records:
         raise DataError("evaluate_classifier got no records; pass a non-empty evaluation set")
@@ -297,7 +333,25 @@ def evaluate_classifier(
         preds += logits.argmax(dim=-1).tolist()  # (B,)
         refs += labels.tolist()
     value = metrics.accuracy(preds, refs)
-    return {"accuracy": value, "score": value}
+    names = getattr(collator, "label_names", None)
+    _record_predictions([{"id": r.get("id"), "text": r.get("text"), "reference": _name(names, y), "prediction": _name(names, p)}
+                         for r, y, p in zip(records, refs, preds, strict=True)])
+    return {"accuracy": value, "macro_f1": macro_f1(preds, refs), "score": value}
+
+
+def _name(names: Sequence[str] | None, index: int) -> str | int:
+    return names[index] if names is not None and 0 <= index < len(names) else index
+
+
+def macro_f1(preds: Sequence[Any], refs: Sequence[Any]) -> float:
+    """Unweighted mean F1 over every class that occurs in ``refs`` or ``preds``."""
+    classes = set(refs) | set(preds)
+    scores = []
+    for label in classes:
+        true_pos = sum(p == label and y == label for p, y in zip(preds, refs, strict=True))
+        predicted, actual = sum(p == label for p in preds), sum(y == label for y in refs)
+        scores.append(0.0 if true_pos == 0 else 2 * true_pos / (predicted + actual))
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def evaluate_tagger(

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,11 +34,20 @@ from typing import Any
 import torch
 import yaml
 
-from tunelab.errors import ConfigError, TunelabError
-from tunelab.experiments import registry
+from tunelab.errors import ConfigError, DataError, ModelError, TunelabError
+from tunelab.experiments import registry, rundir
 from tunelab.experiments.data import build_splits
-from tunelab.experiments.spec import Cell, ExperimentSpec, MethodSpec, Stage, expand_grid, resolve_stages
-from tunelab.utils import atomic_write_json, atomic_write_text, seed_everything
+from tunelab.experiments.rundir import RunLock, check_writable
+from tunelab.experiments.spec import (
+    Cell,
+    ExperimentSpec,
+    MethodSpec,
+    Stage,
+    cell_key,
+    expand_grid,
+    resolve_stages,
+)
+from tunelab.utils import atomic_path, atomic_write_json, atomic_write_text, seed_everything
 
 HEAD_NAMES = ("score", "classifier")  # heads that transformers adds for classification tasks
 
@@ -46,7 +56,14 @@ def load_model(spec: ExperimentSpec, model_task: str, labels: list[str] | None, 
     """``(model, tokenizer)`` of the spec's model with the head its objective's model task needs."""
     from tunelab.models import zoo
 
-    return zoo.load(spec.model.name, task=model_task, seed=spec.model.seed, label_names=labels, progress=progress)
+    try:
+        return zoo.load(spec.model.name, task=model_task, seed=spec.model.seed, label_names=labels, progress=progress)
+    except TunelabError:
+        raise
+    except Exception as error:  # an empty, truncated or corrupt model directory: the user's to fix
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"cannot load model {spec.model.name!r}: {type(error).__name__}: {reason} "
+                         "(check the model directory or hub id)") from None
 
 
 def apply_method(model, method: MethodSpec, model_task: str, adapter_name: str = "default"):
@@ -75,29 +92,36 @@ def apply_method(model, method: MethodSpec, model_task: str, adapter_name: str =
     return model
 
 
-def _stage_splits(stage: Stage, cache: dict | None = None):
+def _stage_splits(stage: Stage, cache: dict | None = None, notes: list[str] | None = None):
     """``(objective entry, (train, validation, test, labels))`` of a stage, cached by data + objective."""
     entry = registry.get_objective(stage.objective.name)
     key = f"{entry.objective_class.label_key}/{stage.data.model_dump_json()}"
     if cache is not None and key in cache:
         return entry, cache[key]
-    splits = build_splits(stage.data, entry.objective_class.label_key)
+    splits = build_splits(stage.data, entry.objective_class.label_key, notes)
     if cache is not None:
         cache[key] = splits
     return entry, splits
 
 
-def preflight(cells: list[Cell], progress: bool = True) -> None:
-    """Fail fast, before anything is written: data, model and every method's options and targets."""
+PROMPT_OPTIONS = ("num_virtual_tokens",)  # options that add positions to every sequence
+
+
+def preflight(cells: list[Cell], progress: bool = True, notes: list[str] | None = None) -> None:
+    """Fail fast, before anything is written: output directory, data, model, every method's options and
+    targets, and one collated batch of training and test records per stage."""
     split_cache: dict[str, Any] = {}
     base_cache: dict[str, Any] = {}
     seen_methods: set[str] = set()
+    seen_collate: set[str] = set()
+    notes = notes if notes is not None else []
     for cell in cells:
         spec = cell.spec
+        check_writable(spec.run_dir)
         stages = resolve_stages(spec)
         labels = None
         for index, stage in enumerate(stages):
-            entry, splits = _stage_splits(stage, split_cache)
+            entry, splits = _stage_splits(stage, split_cache, notes)
             if index == 0:
                 labels = splits[3]
             elif splits[3] != labels and entry.model_task != "causal_lm":
@@ -106,88 +130,196 @@ def preflight(cells: list[Cell], progress: bool = True) -> None:
         model_task = registry.get_objective(stages[0].objective.name).model_task
         model_key = f"{spec.model.name}/{spec.model.seed}/{model_task}/{labels}"
         if model_key not in base_cache:
-            base_cache[model_key] = load_model(spec, model_task, labels, progress=progress)[0]
+            base_cache[model_key] = load_model(spec, model_task, labels, progress=progress)
+        base, tokenizer = base_cache[model_key]
+        for stage in stages:
+            collate_key = f"{model_key}/{stage.objective.model_dump_json()}/{stage.data.model_dump_json()}"
+            if collate_key not in seen_collate:
+                seen_collate.add(collate_key)
+                _check_collate(stage, split_cache, tokenizer, labels)
         methods = [(spec.method, "default")] + [(s.method, s.name) for s in stages if s.method is not None]
         method_key = f"{model_key}/" + json.dumps([(m.name, m.options, a) for m, a in methods], sort_keys=True, default=str)
         if method_key not in seen_methods:
-            model = copy.deepcopy(base_cache[model_key])
+            _check_prompt_length(base, methods, max(s.data.max_length for s in stages))
+            model = copy.deepcopy(base)
             for method, adapter_name in methods:
                 model = apply_method(model, method, model_task, adapter_name)
             seen_methods.add(method_key)
 
 
+def _check_collate(stage: Stage, split_cache: dict, tokenizer, labels) -> None:
+    """The stage's objective can collate its training and test records (wrong record kinds fail here)."""
+    _, (train_records, _, test_records, _) = _stage_splits(stage, split_cache)
+    objective = registry.build_objective(stage.objective.name, stage.objective.options)
+    collate = objective.collator(tokenizer, labels, max_length=stage.data.max_length, template=stage.data.template)
+    for name, records in (("training", train_records), ("test", test_records)):
+        try:
+            collate(list(records[:2]))
+        except TunelabError as error:
+            raise DataError(f"stage {stage.name!r}: objective {stage.objective.name!r} cannot use the {name} "
+                            f"records: {error}") from None
+        except (KeyError, TypeError, ValueError) as error:
+            kinds = sorted({str(r.get("kind", "?")) for r in records})
+            raise DataError(f"stage {stage.name!r}: objective {stage.objective.name!r} cannot use {name} records of "
+                            f"kind {', '.join(kinds)} ({type(error).__name__}: {error}); choose an objective for "
+                            "this data or map its columns") from None
+
+
+def _check_prompt_length(model, methods, max_length: int) -> None:
+    """Virtual tokens (prompt/prefix tuning) plus the longest sequence must fit the model's positions."""
+    from tunelab.eval.generate import position_limit
+
+    limit = position_limit(model)
+    for method, _ in methods:
+        for option in PROMPT_OPTIONS:
+            value = method.options.get(option)
+            if isinstance(value, int) and limit is not None and value + max_length > limit:
+                raise ConfigError(f"method {method.name!r}: {option}={value} plus data.max_length={max_length} "
+                                  f"exceeds the model's {limit} positions; use {option} <= {max(limit - max_length, 1)}")
+
+
 def run_experiment(spec: ExperimentSpec, progress: bool = True, isolate: bool = True,
-                   console=None) -> list[dict]:
-    """Run every cell of ``spec`` (skipping finished ones) and rebuild the report."""
+                   console=None, resume: bool = False) -> list[dict]:
+    """Run every cell of ``spec`` (skipping finished ones, resuming unfinished ones) and rebuild the report.
+
+    ``resume=True`` insists on an existing run directory (a typo in the name fails instead of starting
+    afresh); otherwise a rerun resumes just the same.
+    """
     from tunelab.experiments.report import write_report
 
     cells = expand_grid(spec)
     run_dir = spec.run_dir
-    pending = [cell for cell in cells if not (run_dir / "results" / f"{cell.run_id}.json").exists()]
-    if pending:
-        preflight(pending, progress=progress)
-    (run_dir / "results").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    for index, cell in enumerate(cells, start=1):
-        result_path = run_dir / "results" / f"{cell.run_id}.json"
-        if result_path.exists():
-            _say(console, f"[{index}/{len(cells)}] {cell.run_id}: done already, skipped")
-            continue
-        _say(console, f"[{index}/{len(cells)}] {cell.run_id}: training {cell.spec.method.name}")
-        if isolate:
-            _run_cell_subprocess(cell, run_dir)
-        else:
-            atomic_write_json(result_path, run_cell(cell, run_dir, progress=progress))
-        result = json.loads(result_path.read_text())
-        _say(console, f"    score {result['metrics'].get('score', float('nan')):.4f}, "
-                      f"{result['trainable_parameters']:,} trainable parameters, {result['train_seconds']:.0f} s")
-    write_report(run_dir)
-    return [json.loads((run_dir / "results" / f"{c.run_id}.json").read_text()) for c in cells]
+    check_writable(run_dir)
+    if resume and not (run_dir / "results").is_dir():
+        raise ConfigError(f"nothing to resume: {run_dir} holds no run; drop --resume to start it")
+    lock = RunLock(run_dir)
+    if run_dir.is_dir():
+        lock.acquire()  # fail at once if another run works here
+    try:
+        keys = {cell.run_id: cell_key(cell) for cell in cells}
+        pending = [c for c in cells if rundir.result_key(_result_path(run_dir, c)) != keys[c.run_id]]
+        stale = [p for p in sorted((run_dir / "results").glob("*.json"))
+                 if p.stem not in keys or rundir.result_key(p) != keys[p.stem]]
+        if pending:
+            notes: list[str] = []
+            preflight(pending, progress=progress, notes=notes)
+            for note in dict.fromkeys(notes):
+                _say(console, f"note: {note}")
+        if pending or stale:
+            lock.acquire()
+            (run_dir / "results").mkdir(parents=True, exist_ok=True)
+            for path in stale:
+                _say(console, f"{path.stem}: its config changed or left the grid; old result moved to "
+                              f"{rundir.supersede(path).relative_to(run_dir)}")
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        for index, cell in enumerate(cells, start=1):
+            result_path = _result_path(run_dir, cell)
+            if cell not in pending:
+                _say(console, f"[{index}/{len(cells)}] {cell.run_id}: done already, skipped")
+                continue
+            resumed = (run_dir / ".work" / cell.run_id / "key").is_file()
+            _say(console, f"[{index}/{len(cells)}] {cell.run_id}: {'resuming' if resumed else 'training'} "
+                          f"{cell.spec.method.name}")
+            if isolate:
+                _run_cell_subprocess(cell, run_dir, keys[cell.run_id])
+            else:
+                record = run_cell(cell, run_dir, progress=progress, key=keys[cell.run_id])
+                atomic_write_json(result_path, record)
+                shutil.rmtree(run_dir / ".work" / cell.run_id, ignore_errors=True)
+            result = json.loads(result_path.read_text())
+            _say(console, f"    score {result['metrics'].get('score', float('nan')):.4f}, "
+                          f"{result['trainable_parameters']:,} trainable parameters, {result['train_seconds']:.0f} s")
+            for flag in result.get("flags", []):
+                _say(console, f"    warning: {flag}")
+        if (run_dir / "results").is_dir():
+            write_report(run_dir)
+        return [json.loads(_result_path(run_dir, c).read_text()) for c in cells]
+    finally:
+        lock.release()
+
+
+def _result_path(run_dir: Path, cell: Cell) -> Path:
+    return run_dir / "results" / f"{cell.run_id}.json"
 
 
 def _say(console, text: str) -> None:
     if console is not None:
-        console.print(text)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _run_cell_subprocess(cell: Cell, run_dir: Path) -> None:
+def _run_cell_subprocess(cell: Cell, run_dir: Path, key: str) -> None:
+    """Run one cell in a child process that dies with this one (see :mod:`tunelab.experiments.cell`)."""
     work = run_dir / ".work" / cell.run_id
     work.mkdir(parents=True, exist_ok=True)
-    (work / "cell.json").write_text(cell.model_dump_json())
-    completed = subprocess.run([sys.executable, "-m", "tunelab.experiments.cell", str(run_dir), cell.run_id],
-                               stderr=subprocess.PIPE, text=True)
-    if completed.returncode != 0:
-        lines = [line for line in completed.stderr.strip().splitlines() if line.strip()]
-        if completed.returncode == 2 and lines and lines[-1].startswith("error: "):
+    atomic_write_text(work / "cell.json", cell.model_dump_json())
+    env = {**os.environ, "TUNELAB_PARENT_PID": str(os.getpid())}
+    process = subprocess.Popen([sys.executable, "-m", "tunelab.experiments.cell", str(run_dir), cell.run_id, key],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _, stderr = process.communicate()
+    except BaseException:  # Ctrl-C (the child got SIGINT too) or any other exit: never leave it running
+        _stop(process)
+        raise
+    if process.returncode in (130, -signal.SIGINT):
+        raise KeyboardInterrupt
+    if process.returncode != 0:
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        if process.returncode == 2 and lines and lines[-1].startswith("error: "):
             raise TunelabError(f"run {cell.run_id}: {lines[-1].removeprefix('error: ')}")
-        sys.stderr.write(completed.stderr)
-        raise RuntimeError(f"run {cell.run_id} failed with exit code {completed.returncode}")
+        sys.stderr.write(stderr)
+        raise RuntimeError(f"run {cell.run_id} failed with exit code {process.returncode}")
 
 
-def run_cell(cell: Cell, run_dir: Path, progress: bool = True) -> dict:
+def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None = None) -> dict:
     """Train and evaluate one cell, stage after stage; returns its result record (the caller writes it).
 
     Every stage trains the model as the previous stage left it (a stage's ``method`` adds a new adapter
     first), then the model is evaluated on the stage's test data and on every earlier stage's (all
     stages' with ``eval.cross_stages: all``): ``stage_matrix.scores[i][j]`` is the score after stage
     ``i`` on the test data of stage ``j``.
+
+    Resumable: the scratch folder ``.work/<run>/`` (kept until the caller has written the result)
+    holds each stage's training checkpoints (with ``train.save_every``) and, after each stage, the
+    model's trainable state, the objective's state and the stage's results. A rerun with the same
+    cell key continues where the killed run stopped, with the same result as an uninterrupted run.
+    The trained adapter goes to ``adapters/<run>/`` and the test predictions to ``predictions/<run>.jsonl``.
     """
+    from tunelab.experiments import baselines
     from tunelab.train import train
     from tunelab.train.profile import peak_rss_mb
 
     spec = cell.spec
+    key = key or cell_key(cell)
     seed_everything(spec.train.seed)
     stages = resolve_stages(spec)
     work = run_dir / ".work" / cell.run_id
+    if (work / "key").is_file() and (work / "key").read_text() != key:
+        shutil.rmtree(work)  # scratch state of another config: start over
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(work / "key", key)
     prepared = []
     for stage in stages:
         entry, (train_records, eval_records, test_records, labels) = _stage_splits(stage)
         prepared.append((stage, entry, train_records, eval_records, test_records, labels))
     model_task = prepared[0][1].model_task
     model, tokenizer = load_model(spec, model_task, prepared[0][5], progress=progress)
+    untuned = _untuned(run_dir, spec, stages, prepared, model, tokenizer, progress)
+    seed_everything(spec.train.seed)  # the method initialises as if the untuned evaluation had not run
     model = apply_method(model, spec.method, model_task)
-    objectives, stage_records, history, matrix = [], [], [], []
+    objectives, stage_records, history, matrix, predictions = [], [], [], [], []
     train_seconds, tokens_per_second, final_eval_loss = 0.0, 0.0, None
+    trained_names: set[str] = set()
+    kill_at = int(os.environ.get("TUNELAB_KILL_AT_STEP", "0"))  # fault injection for the resume tests
     for index, (stage, _, train_records, eval_records, _, labels) in enumerate(prepared):
         if stage.method is not None:
             model = apply_method(model, stage.method, model_task, adapter_name=stage.name)
@@ -195,40 +327,55 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True) -> dict:
         objective = registry.build_objective(stage.objective.name, stage.objective.options)
         objective.collator(tokenizer, labels, max_length=stage.data.max_length, template=stage.data.template)
         objectives.append(objective)
-        stage_dir = work / ("train" if len(prepared) == 1 else f"train-{index}")
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        seed_everything(stage.train.seed)
-        result = train(model, train_records, objective, stage.train, eval_records=eval_records or None,
-                       output_dir=stage_dir, progress=progress,
-                       param_groups=loraplus_groups(model, stage.train.learning_rate, stage.train.weight_decay))
-        objective.on_stage_end(model, train_records)
-        history += [{**event, "stage": stage.name} for event in result.history] if len(prepared) > 1 else result.history
-        train_seconds += result.train_seconds
-        tokens_per_second, final_eval_loss = result.tokens_per_second, result.final_eval_loss
-        started = time.perf_counter()
-        row = []
-        for other, (_, _, _, _, other_test, _) in enumerate(prepared):
-            if other > index and spec.eval.cross_stages == "previous":
-                row.append(None)
-                continue
-            evaluator = objectives[other] if other < len(objectives) else _stage_objective(prepared[other], tokenizer)
-            row.append(evaluator.evaluate(model, other_test, max_new_tokens=spec.eval.max_new_tokens,
-                                          batch_size=spec.eval.batch_size, progress=progress))
+        trained_names |= {name for name, p in model.named_parameters() if p.requires_grad}
+        done = _load_stage(work, index, model, objective)
+        if done is not None:
+            stage_record, row, stage_history, stage_predictions = done
+        else:
+            stage_dir = work / ("train" if len(prepared) == 1 else f"train-{index}")
+            seed_everything(stage.train.seed)
+            result = train(model, train_records, objective, stage.train, eval_records=eval_records or None,
+                           output_dir=stage_dir, progress=progress, resume=True,
+                           callbacks=[_killer(kill_at)] if kill_at else None,
+                           param_groups=loraplus_groups(model, stage.train.learning_rate, stage.train.weight_decay))
+            objective.on_stage_end(model, train_records)
+            stage_history = [{**event, "stage": stage.name} for event in result.history] if len(prepared) > 1 \
+                else result.history
+            started = time.perf_counter()
+            row, stage_predictions = _evaluate_row(spec, prepared, objectives, index, model, tokenizer, progress)
+            stage_record = {"name": stage.name, "objective": stage.objective.name,
+                            "method": stage.method.name if stage.method else None,
+                            "train_size": len(train_records), "steps": result.steps,
+                            "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,
+                            "final_eval_loss": result.final_eval_loss,
+                            "eval_seconds": time.perf_counter() - started, "metrics": row[index]}
+            _save_stage(work, index, model, objective, trained_names,
+                        (stage_record, row, stage_history, stage_predictions))
+        history += stage_history
+        train_seconds += stage_record["train_seconds"]
+        tokens_per_second, final_eval_loss = stage_record["tokens_per_second"], stage_record["final_eval_loss"]
         matrix.append(row)
-        stage_records.append({"name": stage.name, "objective": stage.objective.name,
-                              "method": stage.method.name if stage.method else None,
-                              "train_size": len(train_records), "steps": result.steps,
-                              "train_seconds": result.train_seconds, "final_eval_loss": result.final_eval_loss,
-                              "eval_seconds": time.perf_counter() - started, "metrics": row[index]})
+        stage_records.append(stage_record)
+        predictions = stage_predictions
     metrics = matrix[-1][len(prepared) - 1]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     latency = _latency_ms(model, objectives[-1].collate_fn, prepared[-1][4], spec.eval.latency_batches)
+    last_stage = prepared[-1]
+    untuned_last = untuned[-1] if untuned else None
     record = {
-        "run_id": cell.run_id, "experiment": spec.name, "method": spec.method.name,
+        "run_id": cell.run_id, "cell_key": key, "experiment": spec.name, "method": spec.method.name,
         "method_label": cell.method_label, "objective": spec.objective.name, "model": spec.model.name,
-        "train_size": spec.data.train_size, "seed": spec.train.seed,
-        "metrics": metrics, "trainable_parameters": trainable, "total_parameters": total,
+        "train_size": len(prepared[0][2]), "seed": spec.train.seed,
+        "data_sizes": {"train": len(prepared[0][2]), "train_requested": spec.data.train_size,
+                       "validation": len(prepared[0][3]), "test": len(last_stage[4])},
+        "metrics": metrics,
+        "baselines": {"untuned": untuned_last,
+                      "majority_class": baselines.majority_class(last_stage[2], last_stage[4],
+                                                                 last_stage[1].objective_class.label_key)},
+        "flags": baselines.flags(metrics, untuned_last, predictions),
+        "sample_predictions": baselines.samples(predictions),
+        "trainable_parameters": trainable, "total_parameters": total,
         "trainable_percent": 100.0 * trainable / total,
         "train_seconds": train_seconds, "train_tokens_per_second": tokens_per_second,
         "eval_seconds": stage_records[-1]["eval_seconds"], "inference_latency_ms": latency,
@@ -237,13 +384,104 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True) -> dict:
         "versions": _versions(), "git_sha": _git_sha(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    record["outputs"] = _save_outputs(run_dir, cell.run_id, model, predictions)
     if len(prepared) > 1:
         record["stages"] = stage_records
         record["stage_matrix"] = {"stages": [s.name for s in stages],
                                   "scores": [[None if m is None else m.get("score") for m in row] for row in matrix],
                                   "metrics": matrix}
-    shutil.rmtree(work, ignore_errors=True)
+        if untuned:
+            record["stage_matrix"]["untuned"] = [m.get("score") for m in untuned]
     return record
+
+
+def _killer(step: int):
+    """A training callback that SIGKILLs this process once ``step`` is logged (tests of resume)."""
+    def callback(event: dict) -> None:
+        if event.get("step") == step and "loss" in event:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return callback
+
+
+def _evaluate_row(spec, prepared, objectives, index, model, tokenizer, progress):
+    """Scores after stage ``index`` on each stage's test data; the predictions on this stage's own."""
+    from tunelab.eval import tasks
+
+    row, own = [], []
+    for other, (_, _, _, _, other_test, _) in enumerate(prepared):
+        if other > index and spec.eval.cross_stages == "previous":
+            row.append(None)
+            continue
+        evaluator = objectives[other] if other < len(objectives) else _stage_objective(prepared[other], tokenizer)
+        with tasks.recording() as predictions:
+            row.append(evaluator.evaluate(model, other_test, max_new_tokens=spec.eval.max_new_tokens,
+                                          batch_size=spec.eval.batch_size, progress=progress))
+        if other == index:
+            own = predictions
+    return row, own
+
+
+def _untuned(run_dir, spec, stages, prepared, model, tokenizer, progress) -> list[dict] | None:
+    """The untrained model's metrics on every stage's test data (cached per model and data in the run dir)."""
+    from tunelab.experiments import baselines
+
+    key = baselines.untuned_key(spec, stages)
+    cached = baselines.cached_untuned(run_dir, key)
+    if cached is not None:
+        return cached
+    scores = []
+    for stage_prepared in prepared:
+        objective = _stage_objective(stage_prepared, tokenizer)
+        scores.append(objective.evaluate(model, stage_prepared[4], max_new_tokens=spec.eval.max_new_tokens,
+                                         batch_size=spec.eval.batch_size, progress=progress))
+    baselines.store_untuned(run_dir, key, scores)
+    return scores
+
+
+def _save_stage(work: Path, index: int, model, objective, names: set[str], results: tuple) -> None:
+    """After a stage: the trainable state of every stage so far, the objective's state and the results."""
+    state = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if name in names}
+    with atomic_path(work / f"stage-{index}.pt") as tmp:
+        torch.save({"model": state, "objective": objective.state_dict()}, tmp)
+    stage_record, row, history, predictions = results
+    atomic_write_json(work / f"stage-{index}.json", {"record": stage_record, "row": row, "history": history,
+                                                      "predictions": predictions})
+
+
+def _load_stage(work: Path, index: int, model, objective):
+    """Restore a finished stage saved by :func:`_save_stage`; None when it did not finish."""
+    results, weights = work / f"stage-{index}.json", work / f"stage-{index}.pt"
+    if not (results.is_file() and weights.is_file()):
+        return None
+    saved = torch.load(weights, map_location="cpu", weights_only=True)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved["model"].items():
+            parameters[name].copy_(value.to(parameters[name].device))
+    objective.load_state_dict(saved["objective"])
+    done = json.loads(results.read_text())
+    return done["record"], done["row"], done["history"], done["predictions"]
+
+
+def _save_outputs(run_dir: Path, run_id: str, model, predictions: list[dict]) -> dict:
+    """The trained adapter (tunelab format, and PEFT format where the method has one) and the predictions."""
+    from tunelab import tuners
+
+    adapter_dir = run_dir / "adapters" / run_id
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    outputs: dict[str, str | None] = {"adapter": None, "peft_adapter": None}
+    try:
+        tuners.save(model, adapter_dir)
+        outputs["adapter"] = str(adapter_dir.relative_to(run_dir))
+        tuners.save(model, adapter_dir / "peft", format="peft")
+        outputs["peft_adapter"] = str((adapter_dir / "peft").relative_to(run_dir))
+    except TunelabError:
+        pass  # a method (or combination) without that format: keep what was written
+    lines = "".join(json.dumps(row, default=str) + "\n" for row in predictions)
+    atomic_write_text(run_dir / "predictions" / f"{run_id}.jsonl", lines)
+    outputs["predictions"] = f"predictions/{run_id}.jsonl"
+    return outputs
 
 
 def _stage_objective(prepared_stage, tokenizer):

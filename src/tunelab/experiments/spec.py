@@ -31,7 +31,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -39,26 +39,32 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.train import TrainConfig
 
+SEED_LIMIT = 2**63  # seeds are 63-bit non-negative integers (torch, numpy and random all accept them)
+NAME_LIMIT = 100  # experiment names and method labels become file names; keep them short
+LABEL_LIMIT = 64
+RUN_ID_LIMIT = 150  # results/<run_id>.json and adapters/<run_id>/ stay below the 255-byte file-name limit
+# Fields that do not change what a cell computes: left out of its identity (cell_key).
+COSMETIC_FIELDS = {"name", "output_dir", "description"}
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        # YAML's `true` would otherwise pass as the integer 1 (`train_size: true`); no field here is a bool
+        if isinstance(value, bool):
+            raise ValueError("expected a number or text, got a boolean (true/false)")
+        return value
+
+
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 
 
 class ModelSpec(_Strict):
     name: str = Field("tiny-llama", description="Preset (tiny-llama, tiny-llama-teacher, minilm), local path or hub id.")
-    seed: int = Field(0, description="Pretraining seed of tiny presets.")
-
-
-class MethodSpec(_Strict):
-    name: str = Field("lora", description="A registered method (see `tunelab methods`).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Method options, HF PEFT field names.")
-    train: dict[str, Any] = Field(default_factory=dict, description="Training overrides for this method only "
-                                  "(full fine-tuning usually wants a smaller learning rate than LoRA).")
-    label: str | None = Field(None, description="Display name in reports; defaults to the method name.")
-
-    @property
-    def display(self) -> str:
-        return self.label or self.name
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Pretraining seed of tiny presets.")
 
 
 class ObjectiveSpec(_Strict):
@@ -70,19 +76,49 @@ def _objective_from_string(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
+class MethodSpec(_Strict):
+    name: str = Field("lora", description="A registered method (see `tunelab methods`).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Method options, HF PEFT field names.")
+    train: dict[str, Any] = Field(default_factory=dict, description="Training overrides for this method only "
+                                  "(full fine-tuning usually wants a smaller learning rate than LoRA).")
+    label: str | None = Field(None, min_length=1, max_length=LABEL_LIMIT,
+                              description="Display name in reports; defaults to the method name.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Grid entries only: dotted keys of the "
+                                      "cell spec set for this entry (e.g. {objective: {name: icl}, stages: [...]}), "
+                                      "so strategies that differ in objective or stages sit in one grid.")
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
 class DataSpec(_Strict):
     source: str = Field("synthetic", description="'synthetic' for the built-in world, a file path, or hf:NAME.")
     tasks: list[str] = Field(default_factory=lambda: ["summarization"], description="Built-in task names.")
     domain: str | list[str] = Field("medical", description="Built-in domain(s), or 'all'.")
     train_size: int = Field(800, gt=0, description="Training examples (per task, per domain for synthetic data).")
     eval_size: int = Field(64, ge=0, description="Validation examples for the periodic eval loss.")
-    test_size: int = Field(100, gt=0, description="Held-out test examples (held-out entities for synthetic data).")
-    seed: int = Field(0, description="Data seed (synthetic world and sampling).")
+    test_size: int | None = Field(None, gt=0, description="Held-out test examples (held-out entities for synthetic "
+                                  "data). Default: 100 for synthetic data and for a split of a file; all of "
+                                  "test_source (set it to score a sample).")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Data seed (synthetic world and sampling).")
     format: str | None = Field(None, description="File format; guessed when omitted.")
-    columns: dict[str, str] | None = Field(None, description="Column mapping for plain JSONL/CSV/TSV files.")
+    columns: dict[str, str | int] | None = Field(None, description="Column mapping for plain JSONL/CSV/TSV files "
+                                                 "(canonical key -> column name, or index for a headerless file).")
     test_source: str | None = Field(None, description="A separate test file (files only); else a split of source.")
+    test_columns: dict[str, str | int] | None = Field(None, description="Column mapping of test_source when its "
+                                                      "columns are named differently (default: columns).")
     template: str = Field("plain", description="Prompt template: plain, alpaca, chatml, auto.")
     max_length: int = Field(256, gt=8, description="Token budget per example.")
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        from tunelab.data.templates import TEMPLATES
+
+        if value not in TEMPLATES:
+            raise ValueError(f"unknown template {value!r}; choose one of {', '.join(TEMPLATES)}")
+        return value
 
 
 class EvalSpec(_Strict):
@@ -109,13 +145,13 @@ class StageSpec(_Strict):
 class GridSpec(_Strict):
     methods: list[MethodSpec] | None = Field(None, description="Methods to compare; default: the `method` section.")
     train_sizes: list[int] | None = Field(None, description="Training-set sizes; default: data.train_size.")
-    seeds: list[int] | None = Field(None, description="Seeds (training and data); default: train.seed.")
+    seeds: list[Seed] | None = Field(None, description="Seeds (training and data); default: train.seed.")
     params: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values, e.g. "
                                          "{'train.learning_rate': [1e-3, 3e-3]}.")
 
 
 class ExperimentSpec(_Strict):
-    name: str = Field(..., description="Run directory name under output_dir.")
+    name: str = Field(..., max_length=NAME_LIMIT, description="Run directory name under output_dir.")
     output_dir: str = Field("runs", description="Parent directory of the run directory.")
     description: str = ""
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -228,6 +264,7 @@ def check_options(spec: ExperimentSpec, source: str) -> None:
         return registry.get_objective(obj.name).model_task
 
     check_method(spec.method, "method", source)
+    _check_train(spec.train, "train", source)
     for index, method in enumerate(spec.grid.methods or []):
         check_method(method, f"grid.methods.{index}", source)
     tasks = {objective(spec.objective, "objective")}
@@ -244,10 +281,21 @@ def check_options(spec: ExperimentSpec, source: str) -> None:
                               "give each stage a distinct name")
         names.add(name)
         _validate_section(DataSpec, {**spec.data.model_dump(), **stage.data}, f"{where}.data", source)
-        _validate_section(TrainConfig, {**spec.train.model_dump(), **stage.train}, f"{where}.train", source)
+        train = _validate_section(TrainConfig, {**spec.train.model_dump(), **stage.train}, f"{where}.train", source)
+        _check_train(train, f"{where}.train", source)
     if len(tasks) > 1:
         raise ConfigError(f"{source}: the stages' objectives need different model heads ({', '.join(sorted(tasks))}); "
                           "stages share one model, so use objectives of one model task")
+
+
+MAX_LEARNING_RATE = 1.0  # AdamW steps of size ~lr: above 1 every weight is thrown far off in one step
+
+
+def _check_train(train: TrainConfig, where: str, source: str) -> None:
+    """Training values that validate as numbers but cannot train (found here, not after the first step)."""
+    if train.learning_rate > MAX_LEARNING_RATE:
+        raise ConfigError(f"{source}: invalid config at '{where}.learning_rate': {train.learning_rate:g} diverges "
+                          f"at once; use at most {MAX_LEARNING_RATE:g} (adapters ~1e-4..1e-2, full ~1e-5..1e-4)")
 
 
 def _validate_section(model: type[BaseModel], raw: dict[str, Any], where: str, source: str) -> BaseModel:
@@ -285,21 +333,60 @@ def resolve_stages(spec: ExperimentSpec) -> list[Stage]:
     return stages
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> ExperimentSpec:
-    """Read, override and validate an experiment YAML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader for which a key given twice in one mapping is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in one "
+                                  "section; keep one")
+            try:
+                seen.add(key)
+            except TypeError:
+                pass  # an unhashable key: SafeLoader reports it below
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file strictly: UTF-8 text, no duplicate keys (ConfigError with one line otherwise)."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where} malformed YAML ({getattr(error, 'problem', 'syntax error')})") from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> ExperimentSpec:
+    """Read, override and validate an experiment YAML file (the grid is expanded to check its run ids)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = read_yaml(path)
     raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (name, model, method, ...)")
     for key, value in parse_overrides(overrides or []).items():
         set_dotted(raw, key, value)
-    return validate(raw, str(path))
+    spec = validate(raw, str(path))
+    expand_grid(spec)  # label clashes and over-long run ids fail at load time
+    return spec
+
+
+def clean_run_id(text: str) -> str:
+    """A run id safe as a file name: letters (any script), digits, '.', '-', '_'; other runs become '_'."""
+    return re.sub(r"[^\w.-]+", "_", text).strip(".") or "_"
 
 
 def expand_grid(spec: ExperimentSpec) -> list[Cell]:
@@ -314,19 +401,69 @@ def expand_grid(spec: ExperimentSpec) -> list[Cell]:
     labels = [m.display for m in methods]
     if len(set(labels)) != len(labels):
         raise ConfigError("grid.methods: two methods share a label; give each a distinct 'label'")
+    cleaned: dict[str, str] = {}
+    for label in labels:
+        other = cleaned.setdefault(clean_run_id(label), label)
+        if other != label:
+            raise ConfigError(f"grid.methods: labels {other!r} and {label!r} both become the run id "
+                              f"{clean_run_id(label)!r}; give them labels that differ in letters or digits")
     for method, size, seed, combo in itertools.product(methods, sizes, seeds, itertools.product(*param_values)):
         raw = _deep_copy(base)
         raw["method"] = {"name": method.name, "options": method.options}
         raw["train"] = {**raw["train"], **method.train, "seed": seed}
+        for key, value in method.overrides.items():
+            set_dotted(raw, key, _deep_copy(value))
         raw["data"]["train_size"] = size
         raw["data"]["seed"] = seed
         parts = [method.display, f"n{size}", f"s{seed}"]
         for key, value in zip(param_keys, combo, strict=True):
             set_dotted(raw, key, value)
             parts.append(f"{key.split('.')[-1]}{value}")
-        run_id = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+        run_id = clean_run_id("-".join(parts))
+        if len(run_id) > RUN_ID_LIMIT:
+            raise ConfigError(f"grid: run id {run_id[:40]}... is {len(run_id)} characters (at most {RUN_ID_LIMIT}); "
+                              "use shorter labels or grid.params values")
         cells.append(Cell(run_id=run_id, spec=validate(raw, f"grid cell {run_id}"), method_label=method.display))
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.run_id in seen:
+            raise ConfigError(f"grid: two cells get the run id {cell.run_id!r}; make labels or grid.params values "
+                              "differ in letters or digits")
+        seen[cell.run_id] = cell
     return cells
+
+
+def cell_key(cell: Cell) -> str:
+    """The identity of a cell: a hash of everything that determines its result.
+
+    The resolved spec without its cosmetic fields (``name``, ``output_dir``, ``description``), plus a
+    fingerprint (SHA-256 of the content) of every data file it reads. A finished cell whose key
+    differs from the current one is stale: it is run again.
+    """
+    import hashlib
+    import json
+
+    spec = cell.spec.model_dump(mode="json", exclude=COSMETIC_FIELDS)
+    files = {}
+    for stage in resolve_stages(cell.spec):
+        for source in (stage.data.source, stage.data.test_source):
+            if source and source != "synthetic" and not source.startswith("hf:"):
+                files[source] = file_fingerprint(Path(source))
+    payload = json.dumps({"spec": spec, "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def file_fingerprint(path: Path) -> str | None:
+    """SHA-256 of a file's bytes (None when it is missing: preflight reports that)."""
+    import hashlib
+
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _deep_copy(tree: Any) -> Any:

@@ -37,7 +37,7 @@ class SFTObjective(BaseObjective):
                       template: str = "plain", **_: Any) -> Callable:
         from tunelab.data.collate import SFTCollator
 
-        self.template = template
+        self.template, self.max_length = template, max_length
         return SFTCollator(tokenizer, max_length=max_length, template=template)
 
     def evaluate(self, model: nn.Module, records: Sequence[Any], max_new_tokens: int = 32,
@@ -46,7 +46,8 @@ class SFTObjective(BaseObjective):
 
         model.eval()
         return tasks.evaluate_records(model, self.tokenizer, records, max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size, template=self.template, progress=progress)
+                                      batch_size=batch_size, template=self.template, progress=progress,
+                                      max_prompt_tokens=getattr(self, "max_length", None))
 
 
 class LMOptions(ObjectiveConfig):

@@ -21,7 +21,7 @@ class TrainConfig(BaseModel):
     Invalid values raise :class:`~tunelab.errors.ConfigError` with a one-line message.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `learning_rate: .inf` is an error
 
     learning_rate: float = Field(
         1e-3,
@@ -104,8 +104,16 @@ class TrainConfig(BaseModel):
         description="Write a metrics line (mean loss, lr, grad norm, throughput) every N optimizer steps, and at the last step.",
     )
     seed: int = Field(
-        0, description="Seeds data order, dropout and every global generator, so a run is reproducible."
+        0, ge=0, lt=2**63, description="Seeds data order, dropout and every global generator, so a run is reproducible."
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        # YAML `max_steps: true` would otherwise pass as 1; no option here is a boolean
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean (true/false)")
+        return value
 
     @field_validator("adam_betas")
     @classmethod

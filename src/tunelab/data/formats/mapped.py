@@ -42,7 +42,7 @@ def _mapped(rows: Iterator[Row], columns: dict | None) -> Iterator[dict]:
     """Generic rows: ``columns`` (or the alias table) maps canonical keys to source columns."""
     first = next(rows)
     mapping = _column_mapping(first, columns)
-    kind = _kind_of(mapping, first[0])
+    kind = _kind_of(mapping, first[0], first[1])
     convert = _row_by_row(lambda row: _mapped_record(row, mapping, kind))
     yield from convert(_chain(first, rows))
 
@@ -64,14 +64,16 @@ def _column_mapping(first: Row, columns: dict | None) -> dict[str, str]:
     return mapping
 
 
-def _kind_of(mapping: dict[str, str], where: str) -> str:
+def _kind_of(mapping: dict[str, str], where: str, row: dict | None = None) -> str:
     for kind, keys in KIND_KEYS.items():
         if all(key in mapping for key in keys):
             return kind
     origin = where.rsplit(" line ", 1)[0].rsplit(" item ", 1)[0].rsplit(" row ", 1)[0]
+    present = f"; its columns are: {', '.join(map(str, row))}" if row else ""
     raise DataError(
-        f"cannot tell which columns of {origin} hold the data (mapped: {mapping or 'nothing'}); pass "
-        "columns={'prompt': ..., 'response': ...} or {'text': ..., 'label': ...} (indices for a headerless TSV)"
+        f"cannot tell which columns of {origin} hold the data (mapped: {mapping or 'nothing'}{present}); pass "
+        "columns={'prompt': ..., 'response': ...}, {'text': ..., 'label': ...} or, for preference pairs, "
+        "{'prompt': ..., 'chosen': ..., 'rejected': ...} (indices for a headerless TSV)"
     )
 
 
@@ -99,12 +101,20 @@ def _mapped_record(row: dict, mapping: dict[str, str], kind: str) -> dict:
         return _ner_record(values["tokens"], values["ner_tags"])
     if kind == "chat":
         return _chat_record(_messages(values["messages"], mapping["messages"]))
-    record = {"kind": kind}
+    record: dict[str, Any] = {"kind": kind}
+    if kind == "generation" and _is_text_list(values["response"]) and values["response"]:
+        record["references"] = [str(text) for text in values["response"]]  # several acceptable answers
+        values["response"] = values["response"][0]
     for key in KIND_KEYS[kind] + (("system",) if "system" in values else ()):
-        record[key] = _text(
-            {mapping[key]: values[key]}, mapping[key], optional=key in ("system", "chosen", "rejected")
-        )
+        value = values[key]
+        if _is_text_list(value):  # e.g. SciTLDR's source: a list of sentences
+            value = "\n".join(str(text) for text in value)
+        record[key] = _text({mapping[key]: value}, mapping[key], optional=key in ("system", "chosen", "rejected"))
     return record
+
+
+def _is_text_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value)
 
 
 def _ner_record(tokens: Any, tags: Any) -> dict:

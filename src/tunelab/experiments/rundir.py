@@ -1,0 +1,84 @@
+"""The run directory ``<output_dir>/<name>/``: its lock, its cell identities, and what may be written when.
+
+- **Lock**: one process works on a run directory at a time. ``RunLock`` takes an exclusive
+  ``fcntl.flock`` on the directory itself (no lock file to leave behind; the kernel releases it when
+  the process dies, so a crashed run never leaves a stale lock); a second run fails at once with one line.
+- **Cell identity**: a finished cell's result file carries ``cell_key`` (:func:`tunelab.experiments.spec.cell_key`);
+  a result whose key differs from the current cell's is stale: it is moved to ``results/superseded/``
+  and the cell runs again. Results of cells that are no longer in the grid move there too, so that
+  ``config.yaml`` and ``results/*.json`` always describe each other.
+- **Nothing before the first cell**: :func:`check_writable` runs in preflight; the directory itself is
+  created only when the first cell starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from tunelab.errors import ConfigError
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run directory (POSIX ``flock``; a no-op where unavailable)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.handle = Path(run_dir), None
+
+    def acquire(self) -> RunLock:
+        if self.handle is not None:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; runs are not protected there
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handle = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(handle)
+            raise ConfigError(f"run directory {self.run_dir} is in use by another tunelab run; wait for it to "
+                              "finish, or give this run another name") from None
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            os.close(self.handle)  # closing the descriptor releases the flock
+            self.handle = None
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run directory can be created (or written, if it exists): one line otherwise, nothing written."""
+    run_dir = Path(run_dir)
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"output path {path} is a file, not a directory; change output_dir or name")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"cannot write to {path} (permission denied); change output_dir")
+            return
+
+
+def result_key(path: Path) -> str | None:
+    """The ``cell_key`` a result file was produced with (None for unreadable or older result files)."""
+    try:
+        return json.loads(path.read_text()).get("cell_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def supersede(path: Path) -> Path:
+    """Move a stale result file (or adapter directory) under ``superseded/`` next to it; never delete it."""
+    target_dir = path.parent / "superseded"
+    target_dir.mkdir(exist_ok=True)
+    target = target_dir / path.name
+    index = 1
+    while target.exists():
+        target = target_dir / f"{path.stem}.{index}{path.suffix}"
+        index += 1
+    shutil.move(str(path), str(target))
+    return target
