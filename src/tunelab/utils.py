@@ -28,6 +28,12 @@ def tunelab_home() -> Path:
     return Path(home).expanduser() if home else Path.home() / ".cache" / "tunelab"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it is renamed over ``path`` atomically.
@@ -38,6 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results and reports get the usual mode (0644)
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from tunelab.errors import DataError
-from tunelab.experiments import report_stages
+from tunelab.experiments import report_baselines, report_stages
 from tunelab.experiments.plots import ci95, figure_png, score_axis
 from tunelab.utils import atomic_write_text
 
@@ -65,6 +65,11 @@ METHOD_NOTES = {
 }
 
 
+REQUIRED_FIELDS = ("run_id", "method", "method_label", "model", "objective", "train_size", "metrics",
+                   "trainable_parameters", "trainable_percent", "train_seconds", "train_tokens_per_second",
+                   "peak_memory_mb", "history")
+
+
 def load_results(run_dir: str | Path) -> list[dict]:
     results_dir = Path(run_dir) / "results"
     if not results_dir.is_dir():
@@ -72,9 +77,14 @@ def load_results(run_dir: str | Path) -> list[dict]:
     results = []
     for path in sorted(results_dir.glob("*.json")):
         try:
-            results.append(json.loads(path.read_text()))
-        except json.JSONDecodeError:
+            result = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise DataError(f"result file {path} is not valid JSON; delete it and rerun the experiment") from None
+        missing = [key for key in REQUIRED_FIELDS if not isinstance(result, dict) or key not in result]
+        if missing or not isinstance(result.get("metrics"), dict):
+            raise DataError(f"result file {path} lacks {', '.join(missing) or 'a metrics mapping'}; it was not "
+                            "written by `tunelab run` (move it away or rerun the experiment)")
+        results.append(result)
     if not results:
         raise DataError(f"no result files in {results_dir}; run `tunelab run` first")
     return results
@@ -179,6 +189,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     matrices = report_stages.stage_matrices(results)
     stage_png = report_stages.plot_stage_matrices(matrices)
     stage_md = report_stages.markdown_section(matrices)
+    stage_md += report_baselines.markdown_section(results)  # untuned / majority baselines, flags, samples
     if stage_png is not None:
         (plots / "stage_matrix.png").write_bytes(stage_png)
         stage_md += "![stage matrix](plots/stage_matrix.png)\n\n"
