@@ -16,7 +16,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tunelab.adapt import (
+    DomainKDObjective,
+    EWCObjective,
+    ICLObjective,
+    LwFObjective,
+    OLoRAObjective,
+    PerDomainObjective,
+    ReplayObjective,
+    RouterObjective,
+)
 from tunelab.align import DPOObjective, GRPOObjective, KTOObjective, PPOObjective, RewardObjective
+from tunelab.distill.objective import DistillObjective
 from tunelab.errors import ConfigError
 from tunelab.objectives import (
     ClassificationObjective,
@@ -94,8 +105,22 @@ register_objective("classification", ClassificationObjective,
                    "sequence classification with a task head: cross-entropy, accuracy")
 register_objective("token_classification", TokenClassificationObjective,
                    "token classification (NER, BIO tags) with a tagging head: cross-entropy, entity F1")
+register_objective("icl", ICLObjective, "prompt engineering, no training: zero-/k-shot in-context demos from the "
+                   "training data at evaluation")
+register_objective("domain_kd", DomainKDObjective, "domain adaptation + KD to a general teacher on general data "
+                   "(kd_weight 0 = plain FT); probes other domains")
+register_objective("replay", ReplayObjective, "continual: SFT mixed with a buffer of earlier stages (reservoir or "
+                   "per-domain quota, replay ratio)")
+register_objective("ewc", EWCObjective, "continual: SFT + online EWC penalty (diagonal Fisher, decay gamma)")
+register_objective("lwf", LwFObjective, "continual: SFT + KD from the model as it was before the stage (LwF)")
+register_objective("olora", OLoRAObjective, "continual: a new LoRA per stage, orthogonal to earlier stages' A (O-LoRA)")
+register_objective("per_domain", PerDomainObjective, "continual: one adapter per domain, run alone (zero forgetting)")
+register_objective("router", RouterObjective, "domain router over the frozen backbone's pooled features; routed "
+                   "vs oracle score of per-domain adapters")
 register_objective("reward", RewardObjective, "Bradley-Terry reward model: scalar head on any backbone/method, pairwise accuracy")
 register_objective("dpo", DPOObjective, "DPO family (sigmoid, ipo, hinge, robust; reference-free orpo, simpo) vs an explicit reference")
 register_objective("kto", KTOObjective, "KTO from unpaired desirable/undesirable completions (or split preference pairs)")
 register_objective("ppo", PPOObjective, "PPO: sample, score, clipped surrogate + value head, adaptive KL to the reference")
 register_objective("grpo", GRPOObjective, "GRPO: G samples per prompt, group-normalised advantages, no value model")
+register_objective("distill", DistillObjective, "knowledge distillation: response / feature / relation terms from "
+                   "teacher(s), ensembles, self-, online and sequence-level KD, schedules")

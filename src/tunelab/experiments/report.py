@@ -15,6 +15,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from tunelab.distill import report as distill_report
 from tunelab.errors import DataError
 from tunelab.experiments import report_baselines, report_stages
 from tunelab.experiments.plots import ci95, figure_png, score_axis
@@ -188,7 +189,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     notes = "\n".join(f"- **{m}** — {METHOD_NOTES.get(m, 'see docs/methods/' + m + '.md')}" for m in methods)
     matrices = report_stages.stage_matrices(results)
     stage_png = report_stages.plot_stage_matrices(matrices)
-    stage_md = report_stages.markdown_section(matrices)
+    stage_md = report_stages.markdown_section(matrices) + report_stages.adapt_section(results, matrices)
+    stage_md += distill_report.markdown_section(results)  # teacher vs students (tunelab.distill)
     stage_md += report_baselines.markdown_section(results)  # untuned / majority baselines, flags, samples
     if stage_png is not None:
         (plots / "stage_matrix.png").write_bytes(stage_png)

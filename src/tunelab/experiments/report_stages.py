@@ -75,3 +75,75 @@ def plot_stage_matrices(matrices: dict[str, dict]) -> bytes | None:
         figure.suptitle("Score after each stage on every stage's test data")
 
     return figure_png(draw, width=max(4.0, 3.2 * len(matrices)), figure_level=True)
+
+
+# ----------------------------------------------------------------------------- domain adaptation / continual
+def adapt_section(results: list[dict], matrices: dict[str, dict]) -> str:
+    """Continual-learning metrics per method label (ACC, BWT, FWT, forgetting), routing and transfer tables.
+
+    Each part is empty when the results hold nothing for it (see :mod:`tunelab.adapt.metrics`,
+    :mod:`tunelab.adapt.router`, :mod:`tunelab.adapt.analysis`).
+    """
+    return continual_table(matrices) + routing_table(results) + transfer_table(results)
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def continual_table(matrices: dict[str, dict]) -> str:
+    """ACC, BWT, FWT (vs a leading ``base`` stage), average forgetting and final in-domain score per method."""
+    from tunelab.adapt import metrics
+
+    rows = []
+    for label, matrix in matrices.items():
+        names, scores = matrix["stages"], matrix["scores"]
+        core_names, core, _ = metrics.split_base(names, scores)
+        if len(core_names) < 2 or any(core[-1][j] is None for j in range(len(core))):
+            continue
+        s = metrics.summary(names, scores)
+        rows.append(f"| {label} | {_fmt(s['acc'])} | {_fmt(s['bwt'], True)} | {_fmt(s['fwt'], True)} | "
+                    f"{_fmt(s['forgetting'])} | {_fmt(s['final_in_domain'])} |")
+    if not rows:
+        return ""
+    head = ("## Continual learning: average accuracy, transfer and forgetting\n\n"
+            "ACC = mean of the last row; BWT = mean (R[T−1][j] − R[j][j]); FWT = mean (R[j−1][j] − b_j), b = the "
+            "untrained model (a leading `base` stage); forgetting = mean (max_{l≥j} R[l][j] − R[T−1][j]) "
+            "(docs/adapt.md).\n\n"
+            "| method | ACC | BWT | FWT | forgetting | final in-domain |\n|---|---:|---:|---:|---:|---:|")
+    return head + "\n" + "\n".join(rows) + "\n\n"
+
+
+def routing_table(results: list[dict]) -> str:
+    """Routing accuracy and routed vs oracle score of runs whose last stage is a ``router``."""
+    rows = []
+    for result in results:
+        stages = result.get("stages") or []
+        last = stages[-1]["metrics"] if stages else result.get("metrics", {})
+        if not last or "routing_accuracy" not in last:
+            continue
+        rows.append(f"| {result['run_id']} | {last['routing_accuracy']:.4f} | {last['score']:.4f} | "
+                    f"{last['oracle_score']:.4f} | {last['routed_vs_oracle']:.4f} |")
+    if not rows:
+        return ""
+    return ("## Domain routing\n\n| run | routing accuracy | routed score | oracle score | routed / oracle |\n"
+            "|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n")
+
+
+def transfer_table(results: list[dict]) -> str:
+    """Train-on-i / test-on-j matrices from runs whose metrics carry ``<domain>/score`` probes."""
+    from tunelab.adapt.analysis import transfer_matrices
+
+    parts = []
+    for label, (trained, tested, values) in transfer_matrices(results).items():
+        parts.append(f"**{label}** (rows: trained on; columns: tested on)\n")
+        parts.append("| trained on \\ tested on | " + " | ".join(tested) + " |")
+        parts.append("|---|" + "---:|" * len(tested))
+        for name, row in zip(trained, values, strict=True):
+            parts.append(f"| {name} | " + " | ".join(_fmt(v) for v in row) + " |")
+        parts.append("")
+    if not parts:
+        return ""
+    return "## Cross-domain transfer\n\n" + "\n".join(parts) + "\n"
