@@ -1,0 +1,90 @@
+"""The distillation section of a report: teacher vs students — size, speed, score, retention.
+
+Built only from result files. Cells whose objective is ``distill`` carry the teacher's held-out
+score and a side-by-side timing of teacher and student (same batch, same process, alternating
+rounds; see ``passes.size_and_speed``); other cells (the labels-only baseline: objective ``sft``)
+contribute their own score, parameters and the runner's forward latency.
+
+    retention = student score / teacher score          speed-up = teacher latency / student latency
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+from tunelab.experiments.plots import ci95
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _format(value: float | None, pattern: str) -> str:
+    return "–" if value is None else format(value, pattern)
+
+
+def rows(results: list[dict]) -> tuple[dict | None, list[dict]]:
+    """``(teacher row, student rows)``; student rows are grouped by method label (mean over seeds)."""
+    distilled = [r for r in results if "teacher_score" in r.get("metrics", {})]
+    if not distilled:
+        return None, []
+    metrics = [r["metrics"] for r in distilled]
+    teacher = {"label": "teacher", "score": _mean([m["teacher_score"] for m in metrics]),
+               "parameters": _mean([m.get("teacher_parameters") for m in metrics]),
+               "weights_mb": _mean([m.get("teacher_weights_mb") for m in metrics]),
+               "latency_ms": _mean([m.get("teacher_latency_ms") for m in metrics]),
+               "tokens_per_s": _mean([m.get("teacher_tokens_per_s") for m in metrics])}
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for result in results:
+        groups[result["method_label"]].append(result)
+    students = []
+    for label, group in groups.items():
+        scores = [r["metrics"].get("score", float("nan")) for r in group]
+        paired = [r["metrics"] for r in group if "student_latency_ms" in r["metrics"]]
+        row = {"label": label, "objective": group[0].get("objective", "?"), "seeds": len(group),
+               "score": statistics.fmean(scores), "ci95": ci95(scores),
+               "parameters": group[0].get("total_parameters"),
+               "weights_mb": _mean([m.get("student_weights_mb") for m in paired])
+               or (group[0].get("total_parameters") or 0) * 4 / 2**20,
+               "latency_ms": _mean([m.get("student_latency_ms") for m in paired])
+               or _mean([r.get("inference_latency_ms") for r in group]),
+               "speedup": _mean([m.get("speedup") for m in paired])}
+        if row["speedup"] is None and row["latency_ms"] and teacher["latency_ms"]:
+            row["speedup"] = teacher["latency_ms"] / row["latency_ms"]  # across processes: indicative only
+        row["tokens_per_s"] = _mean([m.get("student_tokens_per_s") for m in paired])
+        row["retention"] = row["score"] / teacher["score"] if teacher["score"] else None
+        students.append(row)
+    students.sort(key=lambda row: -row["score"])
+    return teacher, students
+
+
+def markdown_section(results: list[dict]) -> str:
+    """``## Distillation`` with the teacher and every student; empty when no cell distilled."""
+    teacher, students = rows(results)
+    if teacher is None:
+        return ""
+    baselines = [row for row in students if row["objective"] != "distill"]
+    baseline = max(baselines, key=lambda row: row["score"]) if baselines else None
+    lines = ["## Distillation: teacher vs students", "",
+             "Retention = student score / teacher score (held-out test data). Latency: one forward pass over 8 "
+             "test examples, median; for distilled cells timed beside the teacher in the same process "
+             "(speed-up = teacher / student latency), for other cells the runner's own timing. "
+             + (f"Baseline: **{baseline['label']}** (objective `{baseline['objective']}`, labels only)."
+                if baseline else "No labels-only baseline in this run."), "",
+             "| model | objective | seeds | score | retention | vs baseline | parameters | weights MB | latency ms "
+             "| tokens/s | speed-up |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| teacher | – | – | {_format(teacher['score'], '.4f')} | 100.0% | – | "
+             f"{_format(teacher['parameters'], ',.0f')} | {_format(teacher['weights_mb'], '.1f')} | "
+             f"{_format(teacher['latency_ms'], '.2f')} | {_format(teacher['tokens_per_s'], ',.0f')} | 1.00 |"]
+    for row in students:
+        score = f"{row['score']:.4f}" + (f" ± {row['ci95']:.4f}" if row["seeds"] > 1 else "")
+        retention = "–" if row["retention"] is None else f"{100 * row['retention']:.1f}%"
+        delta = "–" if baseline is None or row is baseline else f"{row['score'] - baseline['score']:+.4f}"
+        lines.append(f"| {row['label']} | {row['objective']} | {row['seeds']} | {score} | {retention} | {delta} | "
+                     f"{_format(row['parameters'], ',.0f')} | {_format(row['weights_mb'], '.1f')} | "
+                     f"{_format(row['latency_ms'], '.2f')} | {_format(row['tokens_per_s'], ',.0f')} | "
+                     f"{_format(row['speedup'], '.2f')} |")
+    return "\n".join(lines) + "\n\n"
