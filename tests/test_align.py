@@ -1,0 +1,287 @@
+"""Alignment objectives: DPO/KTO/reward/PPO/GRPO on the shared loop, and their explicit reference.
+
+The losses themselves equal TRL 1.16's (tests/test_align_losses.py pins how). Here, on a tiny random
+Llama with a LoRA adapter, the objectives must compute exactly those losses from sequence log-probs
+taken with and without the adapter (so the objective = TRL's trainer given the same log-probs), keep
+the reference honest (no second model, frozen copies, caches, the step-0 check), and train end to end.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunelab import tuners
+from tunelab.align import DPOObjective, GRPOObjective, KTOObjective, PPOObjective, RewardObjective
+from tunelab.align.logps import pair_logps
+from tunelab.align.losses import dpo_loss, kto_kl_estimate, kto_loss, sequence_logps
+from tunelab.data import synthetic
+from tunelab.errors import ConfigError
+from tunelab.experiments import registry
+from tunelab.models import tiny
+from tunelab.train import train
+
+STEPS = {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny.train_tokenizer(synthetic.corpus(domains=("medical",), n_documents=200, seed=0), 400)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return synthetic.make_task("preference", domain="medical", split="train", n=12, seed=0)
+
+
+def lora_model(tokenizer, trained: bool = False):
+    """A tiny random Llama with a LoRA adapter; ``trained`` randomises B so the policy != the base."""
+    spec = tiny.TinySpec(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    model = tuners.apply(tiny.build_model(spec, tokenizer, seed=0), "lora", r=4, lora_alpha=8,
+                         target_modules=["q_proj", "v_proj"])
+    if trained:
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(1)
+            for _, p in tuners.trainable_parameters(model):
+                p.normal_(0, 0.3)
+    return model
+
+
+def objective(name, tokenizer, **options):
+    obj = registry.build_objective(name, options)
+    obj.collator(tokenizer, None, max_length=96, template="plain")
+    return obj
+
+
+def setup(obj, model):
+    obj.setup(model, type("Accelerator", (), {"device": torch.device("cpu")})())
+    return obj
+
+
+def separate_logps(model, tokenizer, records, average):
+    """log π(chosen), log π(rejected) from *separate* unpadded forwards per sequence (no concatenation)."""
+    collate = objective("dpo", tokenizer).collate_fn
+    out = {"chosen": [], "rejected": []}
+    for record in records:
+        batch = collate([record])
+        for side in out:
+            ids, labels = batch[f"{side}_input_ids"], batch[f"{side}_labels"]
+            keep = batch[f"{side}_attention_mask"][0].bool()
+            logits = model(input_ids=ids[:, keep]).logits
+            out[side].append(sequence_logps(logits, labels[:, keep], average=average))
+    return torch.cat(out["chosen"]), torch.cat(out["rejected"])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
+def test_dpo_objective_equals_dpo_loss_on_logps_with_and_without_the_adapter(tokenizer, pairs, loss_type):
+    model = lora_model(tokenizer, trained=True).eval()
+    obj = setup(objective("dpo", tokenizer, loss_type=loss_type, beta=0.2, label_smoothing=0.1,
+                          check_reference=False), model)
+    batch = obj.collate_fn(pairs[:4])
+    out = obj.loss(model, batch)
+    average = loss_type == "ipo"  # TRL 1.16 IPO: length-averaged log-probs
+    with torch.no_grad():
+        policy = separate_logps(model, tokenizer, pairs[:4], average)
+        with tuners.disabled(model):
+            reference = separate_logps(model, tokenizer, pairs[:4], average)
+    losses, chosen, rejected = dpo_loss(*policy, *reference, beta=0.2, loss_type=loss_type, label_smoothing=0.1)
+    assert out.loss.item() == pytest.approx(losses.mean().item(), abs=1e-5)
+    assert out.metrics["rewards/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-5)
+    assert out.metrics["rewards/rejected"] == pytest.approx(rejected.mean().item(), abs=1e-5)
+    assert out.metrics["rewards/margins"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-5)
+    assert abs(chosen).sum() > 0  # the adapter really changed the policy
+
+
+def test_kto_objective_equals_kto_loss(tokenizer, pairs):
+    model = lora_model(tokenizer, trained=True).eval()
+    obj = setup(objective("kto", tokenizer, beta=0.3, check_reference=False), model)
+    batch = obj.collate_fn(pairs[:3])  # 6 unpaired rows: chosen desirable, rejected undesirable
+    out = obj.loss(model, batch)
+
+    def logps(prefix):
+        logits = model(input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"]).logits
+        return sequence_logps(logits, batch[f"{prefix}labels"])
+
+    with torch.no_grad():
+        policy, policy_kl = logps(""), logps("kl_")
+        with tuners.disabled(model):
+            reference, reference_kl = logps(""), logps("kl_")
+    kl = kto_kl_estimate(policy_kl, reference_kl)
+    losses, _ = kto_loss(policy, reference, batch["desirable"], kl, beta=0.3)
+    assert batch["desirable"].tolist() == [True, False] * 3
+    assert out.loss.item() == pytest.approx(losses.mean().item(), abs=1e-5)
+    assert out.metrics["kl"] == pytest.approx(kl.item(), abs=1e-6)
+
+
+def test_prompt_tokens_are_masked_and_chat_templates_apply(tokenizer, pairs):
+    plain, chatml = objective("dpo", tokenizer), objective("dpo", tokenizer)
+    batch = plain.collator(tokenizer, None, max_length=512, template="plain")(pairs[:2])
+    chat_batch = chatml.collator(tokenizer, None, max_length=512, template="chatml")(pairs[:2])
+    for b in (batch, chat_batch):
+        scored = (b["chosen_labels"] != -100).sum(-1)
+        real = b["chosen_attention_mask"].sum(-1)
+        assert (scored > 0).all() and (scored < real).all()  # the prompt is never scored
+    assert chat_batch["chosen_input_ids"].shape[1] > batch["chosen_input_ids"].shape[1]  # template tokens
+    answer = tokenizer(" " + pairs[0]["chosen"], add_special_tokens=False)["input_ids"]
+    scored_ids = batch["chosen_input_ids"][0][batch["chosen_labels"][0] != -100].tolist()
+    assert len(scored_ids) >= len(answer) - 1  # the completion (+ EOS) is what is scored
+
+
+def test_reference_base_keeps_no_second_model(tokenizer, pairs):
+    model = lora_model(tokenizer)
+    before = sum(p.numel() for p in model.parameters())
+    obj = objective("dpo", tokenizer)
+    train(model, pairs, obj, STEPS, progress=False)
+    assert sum(p.numel() for p in model.parameters()) == before
+    assert obj.modules() == [] and obj.reference.snapshot is None and obj.reference.cache == {}
+
+
+def test_sft_adapter_reference_is_a_frozen_copy_of_the_trainable_tensors(tokenizer, pairs):
+    model = lora_model(tokenizer, trained=True)
+    trainable = {n: p.detach().clone() for n, p in tuners.trainable_parameters(model)}
+    obj = objective("dpo", tokenizer, reference="sft_adapter")
+    result = train(model, pairs, obj, STEPS, progress=False)
+    snapshot = obj.reference.snapshot
+    assert set(snapshot) == set(trainable)  # adapter tensors only, not a model copy
+    assert sum(t.numel() for t in snapshot.values()) < 0.1 * sum(p.numel() for p in model.parameters())
+    assert all(torch.equal(snapshot[n], trainable[n]) for n in trainable)  # frozen
+    assert any(not torch.equal(p, trainable[n]) for n, p in tuners.trainable_parameters(model))  # policy moved
+    assert result.history[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # step 0: π = π_ref
+    with torch.no_grad():  # the reference is the adapter as it was, whatever the policy did since
+        batch = obj.collate_fn(pairs[:2])
+        model.eval()
+        reference = obj.reference.logps(model, batch, pair_logps)
+        live = {n: p.detach().clone() for n, p in tuners.trainable_parameters(model)}
+        for n, p in tuners.trainable_parameters(model):
+            p.copy_(trainable[n])
+        expected = pair_logps(model, batch)
+        for n, p in tuners.trainable_parameters(model):
+            p.copy_(live[n])
+    assert torch.allclose(reference, expected, atol=1e-5)
+
+
+def test_precomputed_reference_is_computed_once_per_record(tokenizer, pairs, monkeypatch):
+    model = lora_model(tokenizer)
+    obj = objective("dpo", tokenizer, reference="precomputed")
+    calls = []
+    original = obj.reference.active
+
+    def counting(m):
+        calls.append(1)
+        return original(m)
+
+    monkeypatch.setattr(obj.reference, "active", counting)
+    train(model, pairs, obj, {**STEPS, "max_steps": 4}, progress=False)
+    assert len(obj.reference.cache) == len(pairs)
+    assert len(calls) == 3  # 12 records in batches of 4, all before the first step; none per step
+
+
+def test_step0_check_stops_a_wrong_reference(tokenizer, pairs):
+    model = lora_model(tokenizer, trained=True)  # as after an SFT stage on this adapter
+    with pytest.raises(ConfigError, match=r"dpo: at step 0 the policy differs from the reference.*sft_adapter"):
+        train(model, pairs, objective("dpo", tokenizer, reference="base"), STEPS, progress=False)
+    with pytest.raises(ConfigError, match="kto: at step 0"):
+        train(model, pairs, objective("kto", tokenizer, reference="base"), STEPS, progress=False)
+    train(model, pairs, objective("dpo", tokenizer, reference="sft_adapter"), STEPS, progress=False)  # fine
+
+
+def test_reference_free_losses_and_option_errors(tokenizer, pairs):
+    assert DPOObjective(loss_type="simpo").reference.mode == "none"
+    with pytest.raises(ConfigError, match="reference"):
+        registry.build_objective("dpo", {"loss_type": "orpo", "reference": "base"})
+    with pytest.raises(ConfigError, match="beta"):
+        registry.build_objective("dpo", {"beta": -1})
+    model = lora_model(tokenizer)
+    result = train(model, pairs, objective("dpo", tokenizer, loss_type="orpo"), STEPS, progress=False)
+    assert result.history[0]["loss"] > 0
+
+
+def test_reward_model_separates_a_trivially_separable_set(tokenizer):
+    good, bad = "yes the answer is right", "no wrong wrong wrong"
+    records = [{"id": str(i), "prompt": f"question {i} about item {i * 7}", "chosen": good if i % 2 else bad,
+                "rejected": bad if i % 2 else good} for i in range(40)]
+    for r in records:  # chosen is always the "good" string
+        r["chosen"], r["rejected"] = good, bad
+    model = lora_model(tokenizer)
+    obj = objective("reward", tokenizer, center_rewards_coefficient=0.01)
+    train(model, records[:32], obj, {"max_steps": 30, "batch_size": 8, "learning_rate": 2e-2}, progress=False)
+    assert isinstance(obj, RewardObjective) and len(obj.modules()) == 1
+    assert obj.evaluate(model, records[32:])["accuracy"] == 1.0
+
+
+def test_reward_stage_adapter_is_taken_off_and_back_for_evaluation(tokenizer, pairs):
+    model = lora_model(tokenizer, trained=True)  # the "SFT" adapter, frozen below
+    reference = model(input_ids=torch.tensor([[1, 5, 9]])).logits.detach()
+    tuners.add_adapter(model, tuners.build_config("lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]}), "rm")
+    tuners.set_active(model, ["default", "rm"])
+    for name, p in model.named_parameters():
+        p.requires_grad_(".rm." in name)
+    obj = objective("reward", tokenizer)
+    train(model, pairs, obj, STEPS, progress=False)
+    obj.on_stage_end(model, pairs)
+    assert list(tuners.adapters(model)) == ["default"]
+    assert torch.allclose(model(input_ids=torch.tensor([[1, 5, 9]])).logits, reference)  # policy untouched
+    assert "accuracy" in obj.evaluate(model, pairs[:4])
+    assert list(tuners.adapters(model)) == ["default"]
+
+
+class TokenReward:
+    """A stand-in reward model: a deterministic function of the tokens (gives non-zero advantages)."""
+
+    def score(self, sequences, attention_mask):
+        return ((sequences * attention_mask).sum(-1) % 7).float()
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_online_step_changes_only_trainable_parameters(tokenizer, pairs, name):
+    model = lora_model(tokenizer)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    obj = objective(name, tokenizer, max_new_tokens=6, num_iterations=2)
+    obj.scorer = TokenReward()
+    result = train(model, pairs, obj, STEPS, progress=False)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)
+    first = result.history[0]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-4) and "reward" in first
+    if name == "ppo":
+        assert isinstance(obj, PPOObjective) and obj.modules()[0].specs["value"].pooling == "none"
+        assert "kl_controller" in obj.state_dict()
+    else:
+        assert isinstance(obj, GRPOObjective) and obj.modules() == []
+    assert "score" in obj.evaluate(model, pairs[:2])
+
+
+def test_kto_accepts_unpaired_records(tokenizer):
+    records = [{"id": str(i), "prompt": f"q{i}", "completion": "fine answer", "label": i % 2 == 0} for i in range(8)]
+    model = lora_model(tokenizer)
+    obj = objective("kto", tokenizer)
+    assert isinstance(obj, KTOObjective)
+    train(model, records, obj, STEPS, progress=False)
+    assert "reward_margin" in obj.evaluate(model, records)
+
+
+def test_sft_then_dpo_stages_end_to_end(tmp_path, small_model_dir):
+    from tunelab.experiments.runner import run_experiment
+    from tunelab.experiments.spec import load_spec
+
+    config = tmp_path / "align.yaml"
+    config.write_text(
+        f"name: align\noutput_dir: {tmp_path / 'runs'}\nmodel: {{name: '{small_model_dir}'}}\n"
+        "method: {name: lora, options: {r: 4, target_modules: [q_proj, v_proj]}}\n"
+        "data: {tasks: [preference], domain: medical, train_size: 8, eval_size: 0, test_size: 4, max_length: 96}\n"
+        "train: {max_steps: 2, batch_size: 4, eval_every: null, save_every: null, log_every: 1}\n"
+        "eval: {max_new_tokens: 4, latency_batches: 0}\n"
+        "stages:\n"
+        "  - {name: sft, objective: sft, data: {tasks: [qa]}}\n"
+        "  - {name: dpo, objective: {name: dpo, options: {reference: sft_adapter, beta: 0.1}}}\n")
+    run_experiment(load_spec(config), progress=False, isolate=False)
+    results = list((tmp_path / "runs" / "align" / "results").glob("*.json"))
+    assert len(results) == 1
+    record = json.loads(results[0].read_text())
+    assert [s["name"] for s in record["stages"]] == ["sft", "dpo"]
+    assert "preference_accuracy" in record["metrics"] and "generation_exact_match" in record["metrics"]
+    dpo_events = [e for e in record["history"] if e.get("stage") == "dpo" and "rewards/margins" in e]
+    assert dpo_events and dpo_events[0]["kl"] == pytest.approx(0.0, abs=1e-4)
