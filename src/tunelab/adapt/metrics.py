@@ -13,9 +13,10 @@ score of the *untrained* model on domain j:
   from the best score a domain ever had after being learnt to its final score (≥ 0 here, unlike BWT
   which can be positive).
 
-``b`` comes from a first stage named ``base`` that trains nothing (objective ``icl`` with ``k: 0`` and
-``train.max_steps: 1``): its row is the untrained model on every domain; :func:`split_base` removes its
-row and column from the matrix and returns its row as b. Without such a stage FWT is None.
+``b`` is the runner's ``stage_matrix["untuned"]`` (the model before any training, scored on every
+stage's test data). Without it, a first stage named ``base`` that trains nothing (objective ``icl``
+with ``k: 0`` and ``train.max_steps: 1``) gives the same row: :func:`split_base` removes that stage's
+row and column and returns its row as b. With neither, FWT is None.
 """
 
 from __future__ import annotations
@@ -76,9 +77,17 @@ def split_base(names: Sequence[str], R: Matrix, base_stage: str = BASE_STAGE
     return list(names), [list(row) for row in R], None
 
 
-def summary(names: Sequence[str], R: Matrix, base_stage: str = BASE_STAGE) -> dict[str, float | None]:
-    """ACC, BWT, FWT, average forgetting and the final in-domain score of one stage matrix."""
+def summary(names: Sequence[str], R: Matrix, untuned: Sequence[float] | None = None,
+            base_stage: str = BASE_STAGE) -> dict[str, float | None]:
+    """ACC, BWT, FWT, average forgetting and the final in-domain score of one stage matrix.
+
+    ``untuned`` is b over all of ``names`` (the runner's ``stage_matrix["untuned"]``), else a leading
+    ``base`` stage supplies it.
+    """
+    had_base = bool(names) and names[0] == base_stage
     names, R, base = split_base(names, R, base_stage)
+    if untuned is not None:
+        base = list(untuned[1:]) if had_base else list(untuned)
     size = _check(R)
     return {"acc": average_accuracy(R), "bwt": backward_transfer(R), "fwt": forward_transfer(R, base),
             "forgetting": average_forgetting(R), "final_in_domain": float(R[size - 1][size - 1]),

@@ -84,7 +84,17 @@ def adapt_section(results: list[dict], matrices: dict[str, dict]) -> str:
     Each part is empty when the results hold nothing for it (see :mod:`tunelab.adapt.metrics`,
     :mod:`tunelab.adapt.router`, :mod:`tunelab.adapt.analysis`).
     """
-    return continual_table(matrices) + routing_table(results) + transfer_table(results)
+    return continual_table(matrices, untuned_scores(results)) + routing_table(results) + transfer_table(results)
+
+
+def untuned_scores(results: list[dict]) -> dict[str, list[float]]:
+    """``{method label: mean untuned score per stage}`` from the runner's ``stage_matrix["untuned"]``."""
+    groups: dict[str, list[list[float]]] = defaultdict(list)
+    for result in results:
+        values = (result.get("stage_matrix") or {}).get("untuned")
+        if values and all(v is not None for v in values):
+            groups[result["method_label"]].append(values)
+    return {label: [statistics.fmean(col) for col in zip(*rows, strict=True)] for label, rows in groups.items()}
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -93,8 +103,8 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.4f}" if signed else f"{value:.4f}"
 
 
-def continual_table(matrices: dict[str, dict]) -> str:
-    """ACC, BWT, FWT (vs a leading ``base`` stage), average forgetting and final in-domain score per method."""
+def continual_table(matrices: dict[str, dict], untuned: dict[str, list[float]] | None = None) -> str:
+    """ACC, BWT, FWT (vs the untuned model), average forgetting and final in-domain score per method."""
     from tunelab.adapt import metrics
 
     rows = []
@@ -103,14 +113,14 @@ def continual_table(matrices: dict[str, dict]) -> str:
         core_names, core, _ = metrics.split_base(names, scores)
         if len(core_names) < 2 or any(core[-1][j] is None for j in range(len(core))):
             continue
-        s = metrics.summary(names, scores)
+        s = metrics.summary(names, scores, (untuned or {}).get(label))
         rows.append(f"| {label} | {_fmt(s['acc'])} | {_fmt(s['bwt'], True)} | {_fmt(s['fwt'], True)} | "
                     f"{_fmt(s['forgetting'])} | {_fmt(s['final_in_domain'])} |")
     if not rows:
         return ""
     head = ("## Continual learning: average accuracy, transfer and forgetting\n\n"
             "ACC = mean of the last row; BWT = mean (R[T−1][j] − R[j][j]); FWT = mean (R[j−1][j] − b_j), b = the "
-            "untrained model (a leading `base` stage); forgetting = mean (max_{l≥j} R[l][j] − R[T−1][j]) "
+            "untrained model; forgetting = mean (max_{l≥j} R[l][j] − R[T−1][j]) "
             "(docs/adapt.md).\n\n"
             "| method | ACC | BWT | FWT | forgetting | final in-domain |\n|---|---:|---:|---:|---:|---:|")
     return head + "\n" + "\n".join(rows) + "\n\n"
