@@ -30,6 +30,8 @@ def rows(results: list[dict]) -> tuple[dict | None, list[dict]]:
     distilled = [r for r in results if "teacher_score" in r.get("metrics", {})]
     if not distilled:
         return None, []
+    largest = max(r["metrics"].get("teacher_parameters", 0) for r in distilled)  # the main teacher, not a snapshot
+    distilled = [r for r in distilled if r["metrics"].get("teacher_parameters", 0) == largest]
     metrics = [r["metrics"] for r in distilled]
     teacher = {"label": "teacher", "score": _mean([m["teacher_score"] for m in metrics]),
                "parameters": _mean([m.get("teacher_parameters") for m in metrics]),
