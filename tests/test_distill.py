@@ -220,16 +220,30 @@ def test_self_distillation_peer_on_policy_and_sequence_level_terms(dirs, records
     student, tokenizer = _student(dirs)
     objective = _objective(tokenizer, teacher=str(dirs.teacher), self_distill={"layers": [0]},
                            peer={"model": str(dirs.student), "seed": 0}, on_policy=1.0, sequence_level=True,
-                           max_new_tokens=3)
+                           max_new_tokens=3, attention=[{"student_layer": 1, "teacher_layer": 3}])
     objective.setup(student, ACCELERATOR)
     assert objective.modules() == [objective.peer] and all(p.requires_grad for p in objective.peer.parameters())
     student.train()
     out = objective.loss(student, objective.collate_fn(records[:2]))
     assert out.metrics["on_policy"] == 1.0 and len(objective.generations) == 2
-    for name in ("ce", "kd", "exit/0", "peer_ce", "mutual_student", "mutual_peer"):
+    for name in ("ce", "kd", "exit/0", "peer_ce", "mutual_student", "mutual_peer", "attention/1->3"):
         assert name in out.metrics, name
     out.loss.backward()
     assert any(p.grad is not None for p in objective.peer.parameters())
+
+
+def test_fine_tuned_teacher_is_cached_and_can_learn_from_its_own_teacher(dirs, records, tmp_path, monkeypatch):
+    from tunelab.distill.options import TeacherSpec
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path))
+    spec = TeacherSpec(model=str(dirs.teacher), finetune={"max_steps": 2, "batch_size": 4, "teacher": str(dirs.teacher)})
+    first, _ = teachers.finetuned(spec, records, "plain", 64)  # teacher -> assistant (this one) -> student
+    base, _ = zoo.load(str(dirs.teacher), progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), base.parameters(), strict=True))
+    assert not any(p.requires_grad for p in first.parameters()) and not first.training
+    assert len(list((tmp_path / "distill" / "teachers").iterdir())) == 1
+    again, _ = teachers.finetuned(spec, records, "plain", 64)  # from the cache
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters(), strict=True))
 
 
 def test_init_from_teacher_copies_the_chosen_layers(dirs):
