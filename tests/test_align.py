@@ -273,7 +273,7 @@ def test_sft_then_dpo_stages_end_to_end(tmp_path, small_model_dir):
         "method: {name: lora, options: {r: 4, target_modules: [q_proj, v_proj]}}\n"
         "data: {tasks: [preference], domain: medical, train_size: 8, eval_size: 0, test_size: 4, max_length: 96}\n"
         "train: {max_steps: 2, batch_size: 4, eval_every: null, save_every: null, log_every: 1}\n"
-        "eval: {max_new_tokens: 4, latency_batches: 0}\n"
+        "eval: {max_new_tokens: 4, latency_batches: 1}\n"
         "stages:\n"
         "  - {name: sft, objective: sft, data: {tasks: [qa]}}\n"
         "  - {name: dpo, objective: {name: dpo, options: {reference: sft_adapter, beta: 0.1}}}\n")

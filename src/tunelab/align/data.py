@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from tunelab.data.collate import SegmentEncoder, _batch, pad_token_id
+from tunelab.data.collate import SegmentEncoder, _batch, pad_right, pad_token_id
 from tunelab.data.templates import record_segments, render_prompt
 from tunelab.errors import DataError
+from tunelab.eval.generate import encode_prompt
 
 
 def record_key(record: dict, side: str = "") -> str:
@@ -107,6 +108,9 @@ class PairCollator:
             ids, labels = zip(*pairs, strict=True)
             for key, tensor in _batch(list(ids), list(labels), self.encode.pad, length).items():
                 batch[f"{side}_{key}"] = tensor  # (B, T)
+        # the 2B rows as one batch, what the objectives forward (token counts, latency probes)
+        batch["input_ids"] = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
+        batch["attention_mask"] = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         batch["record_keys"] = [record_key(r) for r in records]
         return batch
 
@@ -146,10 +150,15 @@ class PromptCollator:
         self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
 
     def __call__(self, records: list[dict]) -> dict[str, Any]:
+        prompts = [render_prompt(r, self.template, self.tokenizer) for r in records]
+        ids = [encode_prompt(self.tokenizer, p)[-self.max_length :] for p in prompts]
         return {
-            "prompts": [render_prompt(r, self.template, self.tokenizer) for r in records],
+            "prompts": prompts,
             "answers": [_answer_or_none(r) for r in records],
             "record_keys": [record_key(r) for r in records],
+            # the prompts as tokens (right-padded): token counts and latency probes; rollouts re-encode
+            "input_ids": pad_right(ids, pad_token_id(self.tokenizer)),
+            "attention_mask": pad_right([[1] * len(i) for i in ids], 0),
         }
 
 

@@ -86,12 +86,14 @@ class Reference:
             raise ConfigError(f"reference must be one of {', '.join(REFERENCE_MODES)}; got {mode!r}")
         self.mode, self.tolerance, self.check_enabled = mode, tolerance, check and mode != "none"
         self.snapshot: dict[str, torch.Tensor] | None = None
+        self.target: nn.Module | None = None  # the unwrapped model (the loop may hand loss() a DDP wrapper)
         self.cache: dict[str, torch.Tensor] = {}
         self.checked = False
 
     def setup(self, model: nn.Module) -> None:
         """Take the frozen copy of the trainable tensors (``sft_adapter``; ``precomputed`` too, for records
         met only after training started, e.g. eval records)."""
+        self.target = model
         if self.mode == "base" and not tuners.adapters(model):
             raise ConfigError("reference: base needs a model with an adapter (tuners.disabled gives the base model); "
                               "with full fine-tuning use reference: sft_adapter or precomputed")
@@ -101,14 +103,15 @@ class Reference:
     @contextmanager
     def active(self, model: nn.Module) -> Iterator[nn.Module]:
         """The model behaving as π_ref (no gradient, eval mode)."""
+        target = self.target if self.target is not None else model
         with torch.no_grad(), eval_mode(model):
             if self.mode == "base":
-                with tuners.disabled(model):
+                with tuners.disabled(target):
                     yield model
             else:
                 if self.snapshot is None:
                     raise ConfigError(f"reference {self.mode!r} was not set up; call objective.setup(model, accelerator)")
-                with swapped(model, self.snapshot):
+                with swapped(target, self.snapshot):
                     yield model
 
     def logps(self, model: nn.Module, batch: dict[str, Any], compute: Callable[[nn.Module, dict], torch.Tensor]
