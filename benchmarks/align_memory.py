@@ -47,9 +47,10 @@ def memory_case(case: str, steps: int, batch: int, max_length: int) -> dict:
     import torch
 
     from tunelab import tuners
+    from tunelab.align import DPOObjective
     from tunelab.data import synthetic
-    from tunelab.experiments import registry
     from tunelab.models import tiny
+    from tunelab.objectives import SFTObjective
     from tunelab.train import train
 
     torch.set_num_threads(1)
@@ -60,11 +61,11 @@ def memory_case(case: str, steps: int, batch: int, max_length: int) -> dict:
     if case.startswith("sft"):
         sides = ("chosen", "rejected") if case == "sft_pairs" else ("chosen",)
         records = [{"prompt": r["prompt"], "response": r[side]} for r in pairs for side in sides]
-        objective, size = registry.build_objective("sft"), batch * len(sides)
+        objective, size = SFTObjective(), batch * len(sides)
     else:
         reference = case.removeprefix("dpo_")
         records, size = pairs, batch
-        objective = registry.build_objective("dpo", {"reference": reference, "check_reference": False})
+        objective = DPOObjective(reference=reference, check_reference=False)
     objective.collator(tokenizer, None, max_length=max_length, template="plain")
     ready = status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: training alone from here

@@ -285,3 +285,23 @@ def test_sft_then_dpo_stages_end_to_end(tmp_path, small_model_dir):
     assert "preference_accuracy" in record["metrics"] and "generation_exact_match" in record["metrics"]
     dpo_events = [e for e in record["history"] if e.get("stage") == "dpo" and "rewards/margins" in e]
     assert dpo_events and dpo_events[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_saved_reward_model_scores_like_the_trained_one(tmp_path, small_model_dir, pairs):
+    from tunelab.align import RewardModel
+    from tunelab.models import zoo
+
+    model, tokenizer = zoo.load(str(small_model_dir), task="causal_lm", progress=False)
+    tuners.apply(model, "lora", r=4, target_modules=["q_proj", "v_proj"])
+    obj = objective("reward", tokenizer, save_dir=str(tmp_path / "rm"))
+    train(model, pairs, obj, STEPS, progress=False)
+    obj.on_stage_end(model, pairs)
+    batch = obj.collate_fn(pairs[:3])
+    with torch.no_grad():
+        chosen, _ = obj.rewards(model.eval(), batch)
+    loaded = RewardModel.load(tmp_path / "rm")
+    scores = loaded.score(batch["chosen_input_ids"], batch["chosen_attention_mask"])
+    assert torch.allclose(scores, chosen, atol=1e-5)
+    grpo = objective("grpo", tokenizer, reward="model", reward_model=str(tmp_path / "rm"), max_new_tokens=4)
+    setup(grpo, model)
+    assert grpo.scorer is not None
