@@ -29,6 +29,7 @@ from tunelab.adapt import (
 from tunelab.align import DPOObjective, GRPOObjective, KTOObjective, PPOObjective, RewardObjective
 from tunelab.distill.objective import DistillObjective
 from tunelab.errors import ConfigError
+from tunelab.multitask import MultitaskEncoderObjective, MultitaskObjective
 from tunelab.objectives import (
     ClassificationObjective,
     LMObjective,
@@ -124,3 +125,7 @@ register_objective("ppo", PPOObjective, "PPO: sample, score, clipped surrogate +
 register_objective("grpo", GRPOObjective, "GRPO: G samples per prompt, group-normalised advantages, no value model")
 register_objective("distill", DistillObjective, "knowledge distillation: response / feature / relation terms from "
                    "teacher(s), ensembles, self-, online and sequence-level KD, schedules")
+register_objective("multitask", MultitaskObjective,
+                   "multi-task learning on a decoder: task heads + LM head, shared/per-task/hierarchical adapters")
+register_objective("multitask_encoder", MultitaskEncoderObjective,
+                   "multi-task learning on an encoder (MiniLM, BERT): understanding tasks with their heads")

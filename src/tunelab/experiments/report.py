@@ -19,6 +19,7 @@ from tunelab.distill import report as distill_report
 from tunelab.errors import DataError
 from tunelab.experiments import report_baselines, report_stages
 from tunelab.experiments.plots import ci95, figure_png, score_axis
+from tunelab.multitask import report as multitask_report
 from tunelab.utils import atomic_write_text
 
 METHOD_NOTES = {
@@ -192,6 +193,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     stage_md = report_stages.markdown_section(matrices) + report_stages.adapt_section(results, matrices)
     stage_md += distill_report.markdown_section(results)  # teacher vs students (tunelab.distill)
     stage_md += report_baselines.markdown_section(results)  # untuned / majority baselines, flags, samples
+    stage_md += multitask_report.markdown_section(results)  # single vs multi-task per task, Δp (tunelab.multitask)
     if stage_png is not None:
         (plots / "stage_matrix.png").write_bytes(stage_png)
         stage_md += "![stage matrix](plots/stage_matrix.png)\n\n"

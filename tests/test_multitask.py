@@ -1,0 +1,207 @@
+"""Multi-task learning: options, mixed batches, per-row routing, sampling resume, adding a task, Δp, a run."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from tunelab import tuners
+from tunelab.data import synthetic
+from tunelab.errors import ConfigError
+from tunelab.experiments import registry
+from tunelab.models import testing, tiny
+from tunelab.multitask import (
+    MultitaskObjective,
+    MultitaskOptions,
+    add_task,
+    attached_heads,
+    delta_p,
+    row_adapters,
+)
+from tunelab.multitask.analysis import transfer_matrix
+from tunelab.multitask.collate import MultitaskCollator, SpanQACollator
+from tunelab.train import train
+
+TASKS = [{"name": "qa", "group": "gen"}, {"name": "domain", "match": {"task": "domain_classification"}, "group": "und"},
+         {"name": "ner", "group": "und"}, {"name": "extractive_qa", "group": "und"}]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    tokenizer = tiny.train_tokenizer(synthetic.corpus(domains=synthetic.DOMAINS, n_documents=200, seed=0), 500)
+    spec = tiny.TinySpec(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    model = tiny.build_model(spec, tokenizer, seed=0)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def records():
+    out = []
+    for task in ("qa", "domain_classification", "ner", "extractive_qa"):
+        out += synthetic.make_task(task, domain=["medical", "legal"], n=8)
+    return out
+
+
+def test_options_infer_kinds_and_labels_and_reject_mistakes():
+    options = MultitaskOptions(tasks=TASKS)
+    kinds = {t.name: t.kind for t in options.tasks}
+    assert kinds == {"qa": "generation", "domain": "classification", "ner": "token_classification",
+                     "extractive_qa": "extractive_qa"}
+    assert options.tasks[1].labels == synthetic.label_names("domain_classification")
+    with pytest.raises(ConfigError, match="kind"):
+        registry.objective_config("multitask", {"tasks": [{"name": "sentiment"}]})
+    with pytest.raises(ConfigError, match="labels"):
+        registry.objective_config("multitask", {"tasks": [{"name": "s", "kind": "classification"}]})
+    with pytest.raises(ConfigError, match="train_tasks"):
+        registry.objective_config("multitask", {"tasks": TASKS, "train_tasks": ["nope"]})
+    with pytest.raises(ConfigError, match="weighting"):
+        registry.objective_config("multitask", {"tasks": TASKS, "weighting": "magic"})
+    with pytest.raises(ConfigError, match="shareing"):
+        registry.objective_config("multitask", {"tasks": TASKS, "shareing": "hard"})
+
+
+def test_mixed_batch_layout_and_span_labels(backbone, records):
+    _, tokenizer = backbone
+    options = MultitaskOptions(tasks=TASKS)
+    batch = MultitaskCollator(options.tasks, tokenizer, max_length=128)(records[::4])
+    size, length = batch["input_ids"].shape
+    assert len(batch["tasks"]) == size and set(batch["tasks"]) == {"qa", "domain", "ner", "extractive_qa"}
+    rows = {name: batch["tasks"].count(name) for name in batch["labels"]}
+    assert batch["labels"]["qa"].shape == (rows["qa"], length)
+    assert batch["labels"]["domain"].shape == (rows["domain"],)
+    assert batch["labels"]["ner"].shape == (rows["ner"], length)
+    assert batch["labels"]["extractive_qa"].shape == (rows["extractive_qa"], 2)
+    collate = SpanQACollator(tokenizer)
+    record = next(r for r in records if r["task"] == "extractive_qa")
+    encoded = collate.encode(record)
+    start, end = encoded["label"]
+    text = record["context"][encoded["offsets"][start][0] : encoded["offsets"][end][1]]
+    assert text.strip() == record["answers"]["text"][0]
+
+
+@pytest.mark.parametrize("method, options", [("lora", {"r": 4, "target_modules": "all-linear"}),
+                                              ("bottleneck", {})])
+def test_per_row_routing_equals_each_row_alone(method, options):
+    model = testing.tiny_llama(0)
+    tuners.apply(model, method, adapter_name="shared", **options)
+    for name in ("a", "b"):
+        tuners.add_adapter(model, tuners.adapters(model)["shared"], name)
+    with torch.no_grad():  # adapters start as no-ops; make each one different
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    ids = torch.randint(0, 64, (4, 6))
+    chains = [["shared", "a"], ["shared", "b"], ["a"], ["shared", "a"]]
+    model.train()  # routing must hold in training, with gradients
+    with row_adapters(model, chains):
+        routed = model(input_ids=ids).logits  # (4, 6, V)
+    routed.pow(2).sum().backward()
+    routed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for row, chain in enumerate(chains):
+        tuners.set_active(model, chain)
+        alone = model(input_ids=ids[row : row + 1]).logits
+        torch.testing.assert_close(routed[row], alone[0], atol=1e-6, rtol=1e-5)
+        alone.pow(2).sum().backward()
+    for name, grad in routed_grads.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, atol=1e-5, rtol=1e-4)
+
+
+def test_sampler_resumes_exactly(records):
+    objective = MultitaskObjective(tasks=TASKS, sampling="annealed", switching="example")
+    config = type("C", (), {"batch_size": 4, "seed": 3, "max_steps": 20, "grad_accum": 1})()
+    sampler = objective.sampler(records, config)
+    for _ in range(5):
+        sampler.next_indices()
+    state = json.loads(json.dumps(sampler.state_dict()))
+    expected = [sampler.next_indices() for _ in range(5)]
+    resumed = objective.sampler(records, config)
+    resumed.load_state_dict(state)
+    assert [resumed.next_indices() for _ in range(5)] == expected
+    one_task = MultitaskObjective(tasks=TASKS).sampler(records, config)  # per-batch switching
+    for _ in range(4):
+        assert len({records[i]["task"] for i in one_task.next_indices()}) == 1
+
+
+def _outputs(model, objective, records):
+    batch = objective.collate_fn(records)
+    with torch.no_grad():
+        return objective.forward(model, batch).per_row()
+
+
+@pytest.mark.parametrize("switching", ["batch", "example"])
+def test_per_task_training_then_adding_a_task_leaves_old_tasks_bitwise_unchanged(backbone, records, switching):
+    base, tokenizer = backbone
+    model = copy.deepcopy(base)
+    tuners.apply(model, "lora", r=4, target_modules="all-linear")
+    objective = MultitaskObjective(tasks=TASKS[:3], sharing="per_task", switching=switching, weighting="uncertainty")
+    old = [r for r in records if r["task"] in ("qa", "domain_classification", "ner")]
+    config = {"max_steps": 3, "batch_size": 6, "learning_rate": 1e-2, "log_every": 1}
+    result = train(model, old, objective, config, tokenizer=tokenizer, progress=False)
+    assert sorted(tuners.adapters(model)) == ["domain", "ner", "qa"]
+    assert any(key.startswith("loss/") for key in result.history[0])
+    model.eval()
+    before = _outputs(model, objective, old[:12])
+    heads_before = {k: v.clone() for k, v in attached_heads(model).state_dict().items()}
+
+    options = add_task(model, objective.config, TASKS[3])
+    assert options.train_tasks == ["extractive_qa"]
+    second = MultitaskObjective(options)
+    train(model, records, second, config, tokenizer=tokenizer, progress=False)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(".extractive_qa." in n for n in trained)
+    after = _outputs(model, second, old[:12])
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    heads_after = attached_heads(model).state_dict()
+    assert all(torch.equal(v, heads_after[k]) for k, v in heads_before.items())
+    new = sum(p.numel() for n, p in model.named_parameters() if ".extractive_qa." in n)
+    scores = second.evaluate(model, records, max_new_tokens=4, batch_size=16, progress=False)
+    assert {"qa/score", "domain/score", "ner/score", "extractive_qa/score", "score"} <= set(scores)
+    assert scores["extractive_qa/own_parameters"] >= new
+
+
+def test_hierarchical_stacks_shared_group_and_task_adapters(backbone, records):
+    base, tokenizer = backbone
+    model = copy.deepcopy(base)
+    tuners.apply(model, "bottleneck")
+    objective = MultitaskObjective(tasks=TASKS, sharing="hierarchical", switching="example", weighting="pcgrad")
+    train(model, records, objective, {"max_steps": 2, "batch_size": 8, "learning_rate": 1e-2},
+          tokenizer=tokenizer, progress=False)
+    assert {"default", "group_gen", "group_und", "qa", "ner"} <= set(tuners.adapters(model))
+    assert objective.chain(model, "ner") == ["default", "group_und", "ner"]
+    assert objective.shared and all(p.requires_grad for p in objective.shared)
+
+
+def test_delta_p_and_transfer_matrix_by_hand():
+    multi = {"a": {"acc": 0.6, "loss": 0.9}, "b": {"f1": 0.4}}
+    single = {"a": {"acc": 0.5, "loss": 1.0}, "b": {"f1": 0.5}}
+    # a: (+20% acc, +10% lower loss) / 2 = +15%; b: -20%; mean -2.5%
+    assert delta_p(multi, single) == pytest.approx(-2.5)
+    matrix = transfer_matrix(["a", "b"], {"a": 0.5, "b": 0.4}, {("a", "b"): 0.55, ("b", "a"): 0.3})
+    assert matrix[0][0] is None and matrix[0][1] == pytest.approx(10.0) and matrix[1][0] == pytest.approx(-25.0)
+
+
+def test_tunelab_run_two_tasks_with_single_task_baselines(tmp_path, small_model_dir):
+    from tunelab.cli import main
+
+    tasks = "[{name: qa}, {name: domain, match: {task: domain_classification}}]"
+    config = tmp_path / "mt.yaml"
+    config.write_text(
+        f"name: mt\noutput_dir: {tmp_path / 'runs'}\nmodel: {{name: '{small_model_dir}'}}\n"
+        "method: {name: lora, options: {r: 4, target_modules: all-linear}}\n"
+        f"objective: {{name: multitask, options: {{tasks: {tasks}, sharing: per_task, switching: example}}}}\n"
+        "data: {tasks: [qa, domain_classification], domain: medical, train_size: 16, eval_size: 0, test_size: 4}\n"
+        "train: {max_steps: 2, batch_size: 4, eval_every: null, save_every: null}\n"
+        "eval: {max_new_tokens: 4, latency_batches: 1}\n"
+        "grid: {params: {objective.options.train_tasks: [null, [qa], [domain]]}}\n")
+    assert main(["run", str(config), "--in-process"]) == 0
+    results = sorted((tmp_path / "runs" / "mt" / "results").glob("*.json"))
+    assert len(results) == 3
+    metrics = [json.loads(path.read_text())["metrics"] for path in results]
+    assert any({"qa/score", "domain/score"} <= set(m) for m in metrics)
+    report = (tmp_path / "runs" / "mt" / "report.md").read_text()
+    assert "Multi-task vs single-task" in report and "Δp" in report
