@@ -262,12 +262,21 @@ def _run_cell_subprocess(cell: Cell, run_dir: Path, key: str) -> None:
         raise
     if process.returncode in (130, -signal.SIGINT):
         raise KeyboardInterrupt
+    if process.returncode < 0:
+        raise CellKilled(f"run {cell.run_id}: the cell's process was killed (signal {-process.returncode}); rerun "
+                         "the same command to continue it from its last checkpoint")
     if process.returncode != 0:
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         if process.returncode == 2 and lines and lines[-1].startswith("error: "):
             raise TunelabError(f"run {cell.run_id}: {lines[-1].removeprefix('error: ')}")
         sys.stderr.write(stderr)
         raise RuntimeError(f"run {cell.run_id} failed with exit code {process.returncode}")
+
+
+class CellKilled(TunelabError):
+    """A cell's process was killed from outside (out of memory, SIGKILL): exit code 1, resumable."""
+
+    exit_code = 1
 
 
 def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
