@@ -446,7 +446,9 @@ def test_evaluate_classifier_argmax_accuracy():
     result = tasks.evaluate_classifier(
         OneHotModel(3, per_token=False), records, collator, batch_size=2, progress=False
     )
-    assert result == {"accuracy": pytest.approx(0.6), "score": pytest.approx(0.6)}
+    # macro-F1 by hand: class 0 F1 2/3, class 1 F1 4/5, class 2 (predicted, never true) F1 0
+    assert result == {"accuracy": pytest.approx(0.6), "macro_f1": pytest.approx((2 / 3 + 4 / 5) / 3),
+                      "score": pytest.approx(0.6)}
 
 
 def test_evaluate_tagger_scores_first_subtokens_only():

@@ -296,3 +296,17 @@ def test_staged_cell_resumes_in_the_stage_it_stopped_in(tmp_path, small_model_di
     resumed = run_cell(cell, partial, progress=False)
     assert resumed["stage_matrix"]["scores"] == straight["stage_matrix"]["scores"]
     assert [h.get("loss") for h in resumed["history"]] == [h.get("loss") for h in straight["history"]]
+
+
+def test_readme_api_is_reproducible_when_seeded_before_apply(small_model_dir):
+    from tunelab import tuners
+    from tunelab.models import zoo
+    from tunelab.utils import seed_everything
+
+    states = []
+    for _ in range(2):
+        model, _ = zoo.load(str(small_model_dir))
+        seed_everything(0)  # as the README shows: adapters initialise from the global RNG
+        tuners.apply(model, "lora", r=2, target_modules="all-linear")
+        states.append({name: p.detach().clone() for name, p in tuners.trainable_parameters(model)})
+    assert all(bool((states[0][k] == states[1][k]).all()) for k in states[0])
