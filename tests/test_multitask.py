@@ -205,3 +205,22 @@ def test_tunelab_run_two_tasks_with_single_task_baselines(tmp_path, small_model_
     assert any({"qa/score", "domain/score"} <= set(m) for m in metrics)
     report = (tmp_path / "runs" / "mt" / "report.md").read_text()
     assert "Multi-task vs single-task" in report and "Δp" in report
+
+
+def test_conll_squad_and_task_manifest_formats(tmp_path):
+    from tunelab.data import formats
+
+    (tmp_path / "ner.txt").write_text("-DOCSTART- O\n\nEU B-ORG\nrejects O\nGerman B-MISC\n\nPeter B-PER\nBlackburn I-PER\n")
+    squad = {"data": [{"paragraphs": [{"context": "Normandy is in France.", "qas": [
+        {"id": "q1", "question": "Where?", "answers": [{"text": "France", "answer_start": 15}]},
+        {"id": "q2", "question": "Who?", "answers": [], "is_impossible": True}]}]}]}
+    (tmp_path / "squad.json").write_text(json.dumps(squad))
+    (tmp_path / "tasks.yaml").write_text("tasks:\n  - {task: ner, source: ner.txt, format: conll}\n"
+                                         "  - {task: qa, source: squad.json, format: squad, limit: 1}\n")
+    ner = formats.load_records(tmp_path / "ner.txt", format="conll")
+    assert [r["tokens"] for r in ner] == [["EU", "rejects", "German"], ["Peter", "Blackburn"]]
+    assert ner[1]["ner_tags"] == ["B-PER", "I-PER"] and ner[1]["response"] == "Peter Blackburn [PER]"
+    qa = formats.load_records(tmp_path / "squad.json", format="squad")
+    assert qa[0]["answers"] == {"text": ["France"], "answer_start": [15]} and qa[1]["answers"]["text"] == []
+    mixed = formats.load_records(tmp_path / "tasks.yaml")
+    assert [r["task"] for r in mixed] == ["ner", "ner", "qa"]

@@ -127,6 +127,7 @@ class MultitaskObjective(BaseObjective):
 
     def sampler(self, records: Sequence[Any], config: Any, rank: int = 0, world_size: int = 1) -> GroupSampler:
         groups = group_records(self.config.tasks, records)
+        groups = {name: rows[: self.tasks[name].max_records] for name, rows in groups.items()}
         empty = [name for name in self.trained if not groups[name]]
         if empty:
             task = self.tasks[empty[0]]

@@ -42,6 +42,8 @@ class TaskSpec(BaseModel):
     labels: list[str] | None = Field(None, description="Class / tag names (default: the built-in task's).")
     group: str | None = Field(None, description="Group adapter of hierarchical sharing (e.g. generation, medical).")
     max_answer_length: int = Field(30, gt=0, description="Longest extractive answer in tokens (extractive_qa).")
+    max_records: int | None = Field(None, gt=0, description="Train on at most this many of the task's records "
+                                    "(the first ones; e.g. to make one task 10x smaller than another).")
 
     @model_validator(mode="after")
     def _resolve(self) -> TaskSpec:

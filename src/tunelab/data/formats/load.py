@@ -17,10 +17,11 @@ from tunelab.data.formats.common import Row, _chain, _row_by_row
 from tunelab.data.formats.files import _delimiter, _existing_file, _hf_rows, _json_rows, _stem, _table_rows
 from tunelab.data.formats.instruction import _alpaca, _dolly
 from tunelab.data.formats.mapped import _mapped
+from tunelab.data.formats.nlp import NLP_FORMATS, load_nlp
 from tunelab.data.formats.preference import ASSISTANT, HUMAN, _hh_rlhf
 from tunelab.errors import DataError
 
-FORMATS = ("alpaca", "dolly", "oasst", "sharegpt", "hh_rlhf", "jsonl", "csv", "tsv", "hf")
+FORMATS = ("alpaca", "dolly", "oasst", "sharegpt", "hh_rlhf", "jsonl", "csv", "tsv", "hf", *NLP_FORMATS)
 MAPPED_FORMATS = ("jsonl", "csv", "tsv")  # generic rows + a column mapping
 
 
@@ -50,6 +51,10 @@ def load_records(
         raise DataError(f"unknown data format {format!r}; valid formats: {', '.join(FORMATS)}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive integer, got {limit!r}")
+    if format is None and str(source).endswith((".yaml", ".yml")):
+        format = "tasks"  # a multi-task manifest (tunelab.data.formats.nlp)
+    if format in NLP_FORMATS:
+        return load_nlp(source, format, limit, load_records)
     if format == "hf":
         name = str(source)
         rows, origin, task = _hf_rows(name, split), f"HF dataset '{name}'", name
