@@ -18,6 +18,7 @@ Adding a method: write ``tunelab/tuners/<family>/<method>.py`` (config + layer +
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from tunelab.tuners.adapters import bottleneck, compacter, ia3
 from tunelab.tuners.base import MethodConfig, layer_adapter_state
 from tunelab.tuners.lora import dora, lora, mixture, qlora
 from tunelab.tuners.lora import peft as lora_peft
+from tunelab.tuners.notes import METHOD_NOTES
 from tunelab.tuners.prompts import coop, maple, p_tuning_v2, prefix, prompt, prompt_peft, vpt
 
 InjectFn = Callable[[nn.Module, MethodConfig, str], Any]
@@ -49,6 +51,7 @@ class MethodSpec:
         config_class: pydantic model of its options (HF PEFT field names).
         inject: ``inject(model, config, adapter_name)`` wraps targets / adds the adapter, in place.
         summary: one line for ``tunelab methods`` and docs.
+        notes: the method's math in two lines for reports (default: from ``tuners/notes.py``).
         adapter_state: ``(model, adapter_name) -> {key: live tensor}``; save writes these, load copies
             into them. Default: the tensors the wrapper layers hold for that adapter.
         keeps_base_weights: False for methods that train the base weights themselves (full
@@ -66,6 +69,7 @@ class MethodSpec:
     config_class: type[MethodConfig]
     inject: InjectFn
     summary: str = ""
+    notes: str = ""
     adapter_state: AdapterStateFn = layer_adapter_state
     keeps_base_weights: bool = True
     peft_type: str | None = None
@@ -82,6 +86,8 @@ def register(spec: MethodSpec) -> MethodSpec:
     """Add ``spec`` to the registry (its name must be new)."""
     if spec.name in _REGISTRY:
         raise ValueError(f"method {spec.name!r} is registered twice")
+    if not spec.notes and spec.name in METHOD_NOTES:
+        spec = dataclasses.replace(spec, notes=METHOD_NOTES[spec.name])
     _REGISTRY[spec.name] = spec
     return spec
 
