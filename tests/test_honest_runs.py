@@ -237,8 +237,11 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_killing_the_parent_leaves_
     assert not _cell_processes(run_dir)
     # SIGKILL of the parent alone: the cell process dies with it
     process = _process("run", str(config))
-    _wait_for(run_dir / ".work" / "lora-n16-s0" / "train" / "checkpoint", process)
-    assert _cell_processes(run_dir)
+    deadline = time.monotonic() + 120
+    while not _cell_processes(run_dir):
+        assert process.poll() is None and time.monotonic() < deadline, "the cell process never started"
+        time.sleep(0.05)
+    time.sleep(1.0)  # let the cell get past its start (the watchdog is armed first thing)
     process.kill()
     process.communicate()
     deadline = time.monotonic() + 10
