@@ -14,7 +14,7 @@ from tunelab.errors import ConfigError
 from tunelab.experiments import registry
 from tunelab.experiments.spec import validate
 from tunelab.train import TrainConfig, train
-from tunelab.train.objective import BaseObjective, LossOutput, is_objective
+from tunelab.train.objective import BaseObjective, LossOutput, ObjectiveConfig, is_objective
 from tunelab.train.samplers import GroupSampler, group_probabilities
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "tunelab"
@@ -25,7 +25,10 @@ def test_plain_objectives_are_registered_with_summaries_and_model_tasks():
     assert registry.objectives()[:4] == ["sft", "lm", "classification", "token_classification"]
     for name in registry.objectives():
         entry = registry.get_objective(name)
-        assert entry.summary and is_objective(entry.objective_class())
+        assert entry.summary and issubclass(entry.config_class, ObjectiveConfig)
+        assert all(hasattr(entry.objective_class, hook) for hook in ("loss", "collator", "modules", "state_dict"))
+    for name in ("sft", "lm", "classification", "token_classification"):  # no required options
+        assert is_objective(registry.build_objective(name))
     assert registry.get_objective("classification").model_task == "sequence_classification"
     with pytest.raises(ConfigError, match="unknown objective 'dpoo'; choose one of: sft"):
         registry.get_objective("dpoo")
