@@ -167,6 +167,38 @@ def test_corrupt_and_unsupported_adapters_are_refused(tmp_path) -> None:
             tuners.load(testing.tiny_llama(), tmp_path / "peft")
 
 
+def test_malformed_pickled_and_nan_adapters_are_one_line_errors(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tuners.save(tuners.apply(testing.tiny_llama(), "lora", r=2), tmp_path / "peft", format="peft")
+    config_path, weights = tmp_path / "peft" / "adapter_config.json", tmp_path / "peft" / "adapter_model.safetensors"
+    good_config = config_path.read_text()
+    for text, match in [("{not json", "not valid JSON"), ("[1, 2]", "must hold a JSON object")]:
+        config_path.write_text(text)
+        with pytest.raises(MethodError, match=match) as caught:
+            tuners.load(testing.tiny_llama(), tmp_path / "peft")
+        assert "\n" not in str(caught.value)
+    config_path.write_text(good_config)
+    weights.write_bytes(b"\x00" * 40)  # truncated / corrupt safetensors
+    with pytest.raises(MethodError, match="corrupt or not plain tensors"):
+        tuners.load(testing.tiny_llama(), tmp_path / "peft")
+    weights.unlink()
+    import pickle
+
+    (tmp_path / "peft" / "adapter_model.bin").write_bytes(pickle.dumps({"x": object()}))  # not weights-only
+    with pytest.raises(MethodError, match="corrupt or not plain tensors"):
+        tuners.load(testing.tiny_llama(), tmp_path / "peft")
+    tuners.save(tuners.apply(testing.tiny_llama(), "lora", r=2), tmp_path / "own")
+    tensors = load_file(str(tmp_path / "own" / "adapter.safetensors"))
+    first = next(iter(tensors))
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, str(tmp_path / "own" / "adapter.safetensors"))
+    model = testing.tiny_llama()
+    with pytest.raises(MethodError, match="NaN or infinite"):
+        tuners.load(model, tmp_path / "own")
+    assert not tuners.adapters(model)  # nothing half-applied
+
+
 def test_a_mismatched_adapter_is_refused_and_rolled_back(tmp_path) -> None:
     tuners.save(tuners.apply(testing.toy_mlp(), "lora", r=2, target_modules=["up"]), tmp_path)
     model = testing.ToyMLP(hidden=40)  # same names, other shapes

@@ -302,6 +302,12 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = N
     else:
         raise MethodError(f"no adapter in {path}: expected {OWN_CONFIG} (tunelab) or "
                           f"{peft_format.PEFT_CONFIG} (HF PEFT); pass the directory that save() wrote")
+    for _, _, tensors in entries:
+        bad = next((key for key, tensor in tensors.items()
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+        if bad is not None:
+            raise MethodError(f"adapter in {path}: tensor {bad} holds NaN or infinite values; "
+                              "retrain it or load an earlier checkpoint")
     for name, config, tensors in entries:
         add_adapter(model, config, name)
         try:

@@ -112,13 +112,33 @@ def save(model: nn.Module, path: Path, configs: Mapping[str, MethodConfig],
 
 
 def read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The ``adapter_config.json`` record and the (PEFT-keyed) tensors of the PEFT adapter in ``path``."""
-    record = json.loads((Path(path) / PEFT_CONFIG).read_text(encoding="utf-8"))
+    """The ``adapter_config.json`` record and the (PEFT-keyed) tensors of the PEFT adapter in ``path``.
+
+    A malformed config, corrupt safetensors or a pickle that is not plain tensors is a one-line
+    :class:`MethodError` (pickles load with ``weights_only=True``: no code runs).
+    """
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        record = json.loads((Path(path) / PEFT_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise MethodError(f"{path}/{PEFT_CONFIG} is not valid JSON ({type(error).__name__}); "
+                          "save the adapter again") from None
+    if not isinstance(record, dict):
+        raise MethodError(f"{path}/{PEFT_CONFIG} must hold a JSON object, not {type(record).__name__}")
     weights = Path(path) / PEFT_WEIGHTS
-    if weights.is_file():
-        tensors = load_file(str(weights))
-    elif (Path(path) / "adapter_model.bin").is_file():
-        tensors = torch.load(Path(path) / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise MethodError(f"{path} has {PEFT_CONFIG} but no {PEFT_WEIGHTS}; copy the adapter's weights file too")
+    try:
+        if weights.is_file():
+            tensors = load_file(str(weights))
+        elif (Path(path) / "adapter_model.bin").is_file():
+            tensors = torch.load(Path(path) / "adapter_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise MethodError(f"{path} has {PEFT_CONFIG} but no {PEFT_WEIGHTS}; copy the adapter's weights file too")
+    except (SafetensorError, OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise MethodError(f"adapter weights in {path} are corrupt or not plain tensors ({type(error).__name__}); "
+                          "save the adapter again as safetensors") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise MethodError(f"adapter weights in {path} are not a mapping of tensors; save the adapter again")
     return record, tensors
