@@ -192,3 +192,21 @@ def test_tiny_two_stage_run_with_replay_writes_the_stage_matrix(small_model_dir,
     report = (tmp_path / "cl" / "report.md").read_text()
     assert "Continual learning" in report and "forgetting" in report
     assert json.loads((tmp_path / "cl" / "results" / f"{results[0]['run_id']}.json").read_text())["stage_matrix"]
+
+
+def test_real_domain_files_load_as_records(shared_dir, tmp_path):
+    from tunelab.adapt.real import prepare
+    from tunelab.experiments.data import build_splits
+    from tunelab.experiments.spec import DataSpec
+
+    written = prepare(shared_dir / "data", tmp_path)
+    train_records, _, test, labels = build_splits(
+        DataSpec(source=str(written["pubmedqa"]), train_size=20, eval_size=0, test_size=10), "label")
+    assert labels == ["maybe", "no", "yes"] and len(train_records) == 20 and len(test) == 10
+    assert train_records[0]["response"] in labels and train_records[0]["prompt"]
+    _, _, _, cuad = build_splits(DataSpec(source=str(written["cuad_governing_law"]), train_size=20, eval_size=0,
+                                          test_size=10), "label")
+    assert cuad == ["No", "Yes"]
+    medquad, _, _, none = build_splits(DataSpec(source=str(written["medquad"]), train_size=5, eval_size=0,
+                                                test_size=5))
+    assert none is None and medquad[0]["kind"] == "generation"

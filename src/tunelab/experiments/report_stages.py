@@ -97,6 +97,9 @@ def untuned_scores(results: list[dict]) -> dict[str, list[float]]:
     return {label: [statistics.fmean(col) for col in zip(*rows, strict=True)] for label, rows in groups.items()}
 
 
+ROUTE_STAGE = "route"  # the stage that trains a domain router (configs/continual.yaml)
+
+
 def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "–"
@@ -110,10 +113,14 @@ def continual_table(matrices: dict[str, dict], untuned: dict[str, list[float]] |
     rows = []
     for label, matrix in matrices.items():
         names, scores = matrix["stages"], matrix["scores"]
+        base = (untuned or {}).get(label)
+        keep = [i for i, name in enumerate(names) if name != ROUTE_STAGE]  # a router stage is no domain
+        names, scores = [names[i] for i in keep], [[scores[i][j] for j in keep] for i in keep]
+        base = [base[i] for i in keep] if base is not None else None
         core_names, core, _ = metrics.split_base(names, scores)
         if len(core_names) < 2 or any(core[-1][j] is None for j in range(len(core))):
             continue
-        s = metrics.summary(names, scores, (untuned or {}).get(label))
+        s = metrics.summary(names, scores, base)
         rows.append(f"| {label} | {_fmt(s['acc'])} | {_fmt(s['bwt'], True)} | {_fmt(s['fwt'], True)} | "
                     f"{_fmt(s['forgetting'])} | {_fmt(s['final_in_domain'])} |")
     if not rows:
