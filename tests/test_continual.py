@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tunelab import tuners
-from tunelab.adapt.store import store
 from tunelab.adapt.ewc import EWCObjective, ewc_penalty, fisher_diagonal
 from tunelab.adapt.lwf import LwFObjective
 from tunelab.adapt.olora import OLoRAObjective, orthogonality_penalty
 from tunelab.adapt.per_domain import PerDomainObjective
 from tunelab.adapt.replay import ReplayObjective, quota_update, replay_count, reservoir_update
+from tunelab.adapt.store import store
 from tunelab.models import testing
 from tunelab.train import TrainConfig, train
 
