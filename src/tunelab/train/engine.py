@@ -172,6 +172,41 @@ def load_module_state(modules: Sequence[nn.Module], tensors: dict[int, dict[str,
         raise ConfigError(f"{source} holds objective modules this objective does not have; resume with the same objective")
 
 
+def broadcast_modules(modules: Sequence[nn.Module], accelerator: Accelerator) -> None:
+    """Under data parallelism, copy rank 0's objective modules to every rank.
+
+    DDP broadcasts the *model's* parameters when it wraps it; the objective's modules (a projector, a
+    learned loss weight) are not wrapped, so without this each rank would start from its own init.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
+def average_module_grads(modules: Sequence[nn.Module], accelerator: Accelerator) -> None:
+    """Under data parallelism, average the objective modules' gradients over the ranks (DDP does the model's).
+
+    A parameter that got no gradient on any rank keeps ``grad=None`` (AdamW skips it, as in one
+    process); one that got a gradient on some ranks only counts zeros from the others, which is
+    exactly the mean of the per-rank gradients that DDP would compute.
+    """
+    if accelerator.num_processes == 1:
+        return
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
+    if not params:
+        return
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=accelerator.device)
+    torch.distributed.all_reduce(present)  # (num_params,) ranks holding a gradient
+    for param, count in zip(params, present.tolist(), strict=True):
+        if count == 0:
+            continue
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        torch.distributed.all_reduce(grad)
+        param.grad = grad / accelerator.num_processes
+
+
 def progress_bar(enabled: bool) -> Progress:
     """Step counter, bar, loss, the objective's metrics and ETA on stderr (plain off a terminal)."""
     return Progress(

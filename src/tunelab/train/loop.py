@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import send_to_device
+from accelerate.utils import broadcast_object_list, gather_object, send_to_device
 from torch import nn
 
 from tunelab.errors import ConfigError, DataError
@@ -197,6 +197,7 @@ class _Session:
             total_loss += out.loss.detach().float().item()
             for name, value in out.metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
+        engine.average_module_grads(self.modules, accelerator)  # DDP averages only the model's gradients
         mean_loss = total_loss / config.grad_accum
         if not math.isfinite(mean_loss):  # stop before the update spoils the weights
             raise ConfigError(
@@ -222,8 +223,9 @@ class _Session:
         run, accelerator = self.run, self.accelerator
         loss = run.window_loss / run.window_steps
         extra = {name: total / run.window_steps for name, total in run.window_metrics.items()}
+        tokens = run.window_tokens
         if accelerator.num_processes > 1:  # mean over processes (each saw its own micro-batches)
-            loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), "mean").item()
+            loss, extra, tokens = _over_processes(loss, extra, tokens)
         self.notify(
             {
                 "step": run.step,
@@ -231,7 +233,7 @@ class _Session:
                 **extra,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_second(run.window_tokens, run.window_seconds),
+                "tokens_per_s": tokens_per_second(tokens, run.window_seconds),
                 "elapsed_s": round(self.elapsed(), 3),
             }
         )
@@ -239,9 +241,18 @@ class _Session:
         run.window_metrics = {}
 
     def evaluate(self) -> None:
+        """Evaluate on the main process only; under DDP the other ranks wait and receive its record."""
+        record = self._evaluate_here() if self.accelerator.is_main_process else None
+        if self.accelerator.num_processes > 1:
+            record = broadcast_object_list([record])[0]
+        self.notify(record)
+
+    def _evaluate_here(self) -> dict[str, Any]:
         config = self.config
+        # under DDP the bare module: a forward on one rank must not wait for the others
+        model = self.model if self.accelerator.num_processes == 1 else self.unwrapped
         eval_loss = evaluate_loss(
-            self.model,
+            model,
             self.eval_records,
             self.collate_fn,
             self.objective,
@@ -255,7 +266,14 @@ class _Session:
             record.update(self.eval_fn(self.unwrapped))
             self.model.train()
         record["elapsed_s"] = round(self.elapsed(), 3)
-        self.notify(record)
+        return record
+
+    def sync_stop(self) -> None:
+        """Under DDP, a stop asked by a callback on any rank stops every rank (none is left waiting)."""
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(self.stop_requested)], device=self.accelerator.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.stop_requested = bool(flag.item())
 
     def save(self) -> None:
         """Write the checkpoint (main process), after everything else at this step — RNG included."""
@@ -283,9 +301,11 @@ class _Session:
         config, step = self.config, self.run.step
         if step % config.log_every == 0 or step == config.max_steps:
             self.log_train(lr, grad_norm)
+        self.sync_stop()
         last = step == config.max_steps or self.stop_requested
         if self.eval_records is not None and (last or (config.eval_every and step % config.eval_every == 0)):
             self.evaluate()
+            self.sync_stop()
         last = last or self.stop_requested
         if last or (config.save_every and step % config.save_every == 0):
             self.save()
@@ -388,6 +408,7 @@ def train(
     objective.setup(model, accelerator)
     optimizer, scheduler = engine.build_optimizer(model, config, param_groups, objective.modules())
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    engine.broadcast_modules(objective.modules(), accelerator)  # every rank starts from rank 0's modules
     main = accelerator.is_main_process
     if sampler is None:
         sampler = objective.sampler(train_records, config, accelerator.process_index, accelerator.num_processes)
@@ -420,6 +441,15 @@ def train(
         accelerator.unwrap_model(prepared_model, keep_fp32_wrapper=False)  # drop the autocast wrapper
         model.eval()
     return _result(session)
+
+
+def _over_processes(loss: float, extra: dict[str, float], tokens: int) -> tuple[float, dict[str, float], int]:
+    """Mean loss and metrics over the processes (a metric only some ranks logged: their mean); tokens summed."""
+    parts = gather_object([(loss, extra, tokens)])  # one entry per rank
+    names = dict.fromkeys(name for _, metrics, _ in parts for name in metrics)
+    means = {name: sum(m[name] for _, m, _ in parts if name in m) / sum(name in m for _, m, _ in parts)
+             for name in names}
+    return sum(p[0] for p in parts) / len(parts), means, sum(p[2] for p in parts)
 
 
 def _start(session: _Session, resume: bool) -> None:
