@@ -252,5 +252,58 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+
+# --- issue 15: tune / slides / demo (kept together at the end; logic lives in experiments/ and demo/) ---
+
+
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML with a search: section (see docs/tune.md).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=50")] = None,
+    trials: Annotated[int, typer.Option(help="Trials this process runs (per method with --per-method).")] = 20,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL shared by several workers "
+                                                "(default: sqlite:///runs/<name>/tune.db).")] = None,
+    study_name: Annotated[str | None, typer.Option(help="Study name (default: the experiment name).")] = None,
+    per_method: Annotated[bool | None, typer.Option("--per-method/--single", help="Equal budget: tune every "
+                                                   "method of grid.methods, then compare their best configs "
+                                                   "(default: search.per_method).")] = None,
+    compare: Annotated[bool, typer.Option(help="With --per-method, run the comparison of the best configs.")] = True,
+) -> None:
+    """Search hyper-parameters with Optuna (TPE + median pruning); writes best.yaml and tune_report.md/html."""
+    from tunelab.experiments.spec import load_spec
+    from tunelab.experiments.tune import tune as run_tune
+
+    spec = load_spec(config, overrides or [])
+    console.print(f"[bold]tunelab tune[/bold] {spec.name} → {spec.run_dir}")
+    outcome = run_tune(spec, trials, storage=storage, study_name=study_name, per_method=per_method,
+                       compare=compare, console=console)
+    for label, study in outcome.studies.items():
+        done = [t for t in study.trials if t.value is not None]
+        if done:
+            console.print(f"{label}: best {spec.search.metric} {study.best_value:.4f} (trial {study.best_trial.number}"
+                          f" of {len(study.trials)})", markup=False)
+    if outcome.best_yaml is not None:
+        console.print(f"best configuration: {outcome.best_yaml}", markup=False)
+    console.print(f"report: {outcome.report}", markup=False)
+
+
+
+@app.command()
+def slides(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory with results, e.g. runs/quickstart.")],
+    pdf: Annotated[bool, typer.Option(help="Also print slides.pdf with headless Chromium when installed.")] = True,
+) -> None:
+    """Write a ~10-slide deck (slides.html, self-contained, and slides.pdf) from a run's result files."""
+    from tunelab.experiments.slides import write_slides
+
+    html_path, pdf_path = write_slides(run_dir, pdf=pdf)
+    console.print(f"slides: {html_path}", markup=False)
+    if pdf_path is not None:
+        console.print(f"pdf: {pdf_path}", markup=False)
+    elif pdf:
+        console.print("pdf: skipped (no Chromium found; install Debian's `chromium` package or set "
+                      "TUNELAB_CHROMIUM to a Chromium binary)", markup=False)
+
+
 if __name__ == "__main__":
     sys.exit(main())

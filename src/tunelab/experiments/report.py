@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tunelab.distill import report as distill_report
 from tunelab.errors import DataError
-from tunelab.experiments import report_baselines, report_stages
+from tunelab.experiments import analysis, report_baselines, report_stages
 from tunelab.experiments.plots import ci95, figure_png, score_axis
 from tunelab.multitask import report as multitask_report
 from tunelab.utils import atomic_write_text
@@ -211,6 +211,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     atomic_write_text(run_dir / "report.md", markdown)
     html_text = _html(name, rows, results, notes, loss_png, quality_png, stage_md, stage_png)
     atomic_write_text(run_dir / "report.html", html_text)
+    analysis.append_to_report(run_dir, results, rows)  # written analysis + Pareto plots (experiments/analysis.py)
     return run_dir / "report.md", run_dir / "report.html"
 
 

@@ -289,7 +289,8 @@ def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
             process.wait()
 
 
-def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None = None) -> dict:
+def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None = None,
+             callbacks: list | None = None) -> dict:
     """Train and evaluate one cell, stage after stage; returns its result record (the caller writes it).
 
     Every stage trains the model as the previous stage left it (a stage's ``method`` adds a new adapter
@@ -302,6 +303,8 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
     model's trainable state, the objective's state and the stage's results. A rerun with the same
     cell key continues where the killed run stopped, with the same result as an uninterrupted run.
     The trained adapter goes to ``adapters/<run>/`` and the test predictions to ``predictions/<run>.jsonl``.
+    ``callbacks`` are handed to every stage's training loop (``tunelab tune`` reports the eval curve to
+    Optuna through one and prunes by raising from it).
     """
     from tunelab.experiments import baselines
     from tunelab.train import train
@@ -345,7 +348,7 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
             seed_everything(stage.train.seed)
             result = train(model, train_records, objective, stage.train, eval_records=eval_records or None,
                            output_dir=stage_dir, progress=progress, resume=True,
-                           callbacks=[_killer(kill_at)] if kill_at else None,
+                           callbacks=[*(callbacks or []), *([_killer(kill_at)] if kill_at else [])] or None,
                            param_groups=loraplus_groups(model, stage.train.learning_rate, stage.train.weight_decay))
             objective.on_stage_end(model, train_records)
             stage_history = [{**event, "stage": stage.name} for event in result.history] if len(prepared) > 1 \

@@ -37,6 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.experiments.search import SearchSpec
 from tunelab.train import TrainConfig
 
 SEED_LIMIT = 2**63  # seeds are 63-bit non-negative integers (torch, numpy and random all accept them)
@@ -44,7 +45,7 @@ NAME_LIMIT = 100  # experiment names and method labels become file names; keep t
 LABEL_LIMIT = 64
 RUN_ID_LIMIT = 150  # results/<run_id>.json and adapters/<run_id>/ stay below the 255-byte file-name limit
 # Fields that do not change what a cell computes: left out of its identity (cell_key).
-COSMETIC_FIELDS = {"name", "output_dir", "description"}
+COSMETIC_FIELDS = {"name", "output_dir", "description", "search"}  # search: what `tunelab tune` explores
 
 
 class _Strict(BaseModel):
@@ -162,6 +163,8 @@ class ExperimentSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     grid: GridSpec = Field(default_factory=GridSpec)
     stages: list[StageSpec] = Field(default_factory=list, description="Stages run in order on one model.")
+    search: SearchSpec | None = Field(None, description="Hyper-parameter search space of `tunelab tune` "
+                                      "(see tunelab.experiments.search).")
 
     _objective_string = field_validator("objective", mode="before")(_objective_from_string)
 

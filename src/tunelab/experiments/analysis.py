@@ -1,0 +1,207 @@
+"""The written analysis of a comparison, generated from the result rows (``report.summarize``).
+
+For each training-set size:
+
+- **Best per budget**: the Pareto frontier of quality against each cost (trainable parameters, peak
+  memory, train time). A point is on the frontier when no other method is at least as good for at most
+  the same cost; walking the frontier from cheap to expensive answers "with a budget of X, use M".
+- **Ties**: methods whose 95% confidence interval (Student's t over seeds, ``plots.ci95``) overlaps the
+  best method's are *statistically tied* with it; the analysis says so instead of ranking them. With a
+  single seed there is no interval, and the text says that no difference can be called significant.
+- **Why**: each method named gets its math from its registry entry (``tuners.registry.get(name).notes``),
+  so the explanation is the same text as ``tunelab methods`` and the Methods section.
+
+Pareto plots (quality vs peak memory, vs train time) start their quality axis at 0 (``plots.score_axis``).
+``append_to_report`` adds the section to an existing ``report.md`` / ``report.html`` (one call from
+:func:`tunelab.experiments.report.write_report`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+from tunelab.experiments.plots import figure_png, score_axis
+
+COSTS = (("trainable_parameters", "trainable parameters", "{:,.0f}"),
+         ("peak_memory_mb", "peak memory (MB, RSS)", "{:,.0f}"),
+         ("train_seconds", "train time (s)", "{:,.0f}"))
+
+
+def _finite(value) -> bool:
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def frontier(rows: list[dict], cost: str) -> list[dict]:
+    """Rows on the quality/cost Pareto frontier, cheapest first (each one better than every cheaper one)."""
+    usable = [r for r in rows if _finite(r.get(cost)) and _finite(r.get("score"))]
+    usable.sort(key=lambda r: (r[cost], -r["score"]))
+    front, best = [], -math.inf
+    for row in usable:
+        if row["score"] > best:
+            front.append(row)
+            best = row["score"]
+    return front
+
+
+def ties(rows: list[dict]) -> tuple[dict | None, list[dict]]:
+    """The best row and the rows whose 95% CI overlaps it (empty without intervals)."""
+    usable = [r for r in rows if _finite(r.get("score"))]
+    if not usable:
+        return None, []
+    best = max(usable, key=lambda r: r["score"])
+    if best["seeds"] < 2:
+        return best, []
+    low = best["score"] - best["score_ci95"]
+    tied = [r for r in usable if r is not best and r["seeds"] >= 2 and r["score"] + r["score_ci95"] >= low]
+    return best, tied
+
+
+def _method_notes(label: str, results_by_label: dict[str, str]) -> str:
+    from tunelab.tuners import registry
+
+    name = results_by_label.get(label, label)
+    try:
+        entry = registry.get(name)
+    except Exception:  # a method no longer registered
+        return ""
+    return entry.notes or entry.summary
+
+
+def _score(row: dict) -> str:
+    return f"{row['score']:.4f}" + (f" ± {row['score_ci95']:.4f}" if row["seeds"] > 1 else "")
+
+
+def markdown_section(results: list[dict], rows: list[dict]) -> str:
+    """``## Analysis``: best per budget, ties, and why, per training-set size."""
+    if not rows:
+        return ""
+    method_of = {r["method_label"]: r["method"] for r in results}
+    lines = ["## Analysis", "",
+             "Generated from the results above. *Best per budget* walks the Pareto frontier of held-out score "
+             "against each cost: with at most that cost, that method scores best. *Tied* means the 95% "
+             "confidence intervals over seeds overlap, so the data cannot rank those methods.", ""]
+    named: set[str] = set()
+    for size in sorted({r["train_size"] for r in rows}):
+        group = [r for r in rows if r["train_size"] == size]
+        best, tied = ties(group)
+        if best is None:
+            continue
+        named.add(best["method"])
+        lines += [f"### {size} training examples", "",
+                  f"**Best score: {best['method']}** ({_score(best)}, {best['trainable_parameters']:,} trainable "
+                  f"parameters, {best['peak_memory_mb']:.0f} MB peak, {best['train_seconds']:.0f} s)."]
+        if best["seeds"] < 2:
+            lines.append("Single seed: no confidence intervals, so no difference here can be called significant; "
+                         "add seeds (grid.seeds) before drawing conclusions.")
+        elif tied:
+            named.update(r["method"] for r in tied)
+            lines.append("Statistically tied with it (overlapping 95% CIs): "
+                         + ", ".join(f"{r['method']} ({_score(r)})" for r in tied) + ".")
+        else:
+            lines.append("Its 95% CI does not overlap any other method's: the lead is significant at this size.")
+        lines.append("")
+        for cost, label, fmt in COSTS:
+            front = frontier(group, cost)
+            if len(front) < 1:
+                continue
+            steps = "; ".join(f"≤ {fmt.format(r[cost])} → **{r['method']}** ({_score(r)})" for r in front)
+            lines.append(f"- Budget in {label}: {steps}.")
+            named.update(r["method"] for r in front)
+        cheapest = min(group, key=lambda r: r["trainable_parameters"])
+        if cheapest is not best and best["score"] > 0:
+            lines.append(f"- {cheapest['method']} trains {cheapest['trainable_parameters']:,} parameters "
+                         f"({best['trainable_parameters'] / max(cheapest['trainable_parameters'], 1):,.0f}x fewer "
+                         f"than {best['method']}) and reaches {100 * cheapest['score'] / best['score']:.0f}% "
+                         "of its score.")
+        lines.append("")
+    why = [(label, _method_notes(label, method_of)) for label in sorted(named)]
+    why = [(label, note) for label, note in why if note]
+    if why:
+        lines += ["### Why, from each method's math", ""]
+        lines += [f"- **{label}** — {note}" for label, note in why]
+        lines.append("")
+    lines += ["![quality vs peak memory](plots/pareto_memory.png)", "",
+              "![quality vs train time](plots/pareto_time.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(rows: list[dict], cost: str, label: str) -> bytes:
+    """Score (with 95% CI bars) against a cost, one marker per method and size, frontier joined."""
+    def draw(axis):
+        for size in sorted({r["train_size"] for r in rows}):
+            group = [r for r in rows if r["train_size"] == size and _finite(r.get(cost))]
+            for row in group:
+                axis.errorbar(row[cost], row["score"], yerr=row["score_ci95"] or None, fmt="o", capsize=3,
+                              label=f"{row['method']} (n={size})")
+            front = frontier(group, cost)
+            if len(front) > 1:
+                axis.plot([r[cost] for r in front], [r["score"] for r in front], color="grey", linewidth=1,
+                          linestyle=":")
+        values = [r[cost] for r in rows if _finite(r.get(cost)) and r[cost] > 0]
+        if values and max(values) / min(values) > 20:
+            axis.set_xscale("log")
+        axis.set_xlabel(label)
+        score_axis(axis, [r["score"] + (r["score_ci95"] or 0.0) for r in rows],
+                   label="held-out score (mean ± 95% CI)")
+        axis.set_title(f"Quality vs {label} (dotted: Pareto frontier)")
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    return figure_png(draw)
+
+
+def append_to_report(run_dir: str | Path, results: list[dict], rows: list[dict]) -> None:
+    """Add the analysis and its Pareto plots to ``report.md`` and ``report.html`` (already written)."""
+    from tunelab.utils import atomic_write_text
+
+    run_dir = Path(run_dir)
+    section = markdown_section(results, rows)
+    if not section:
+        return
+    pngs = {"pareto_memory": plot_pareto(rows, "peak_memory_mb", "peak memory (MB, RSS)"),
+            "pareto_time": plot_pareto(rows, "train_seconds", "train time (s)")}
+    (run_dir / "plots").mkdir(exist_ok=True)
+    for name, png in pngs.items():
+        (run_dir / "plots" / f"{name}.png").write_bytes(png)
+    markdown = (run_dir / "report.md").read_text()
+    anchor = "## Methods"
+    markdown = markdown.replace(anchor, section + anchor, 1) if anchor in markdown else markdown + "\n" + section
+    atomic_write_text(run_dir / "report.md", markdown)
+    html_path = run_dir / "report.html"
+    if html_path.is_file():
+        text = html_path.read_text()
+        block = f'<section id="analysis">{to_html(section, pngs)}</section>'
+        text = text.replace("<h2>Methods</h2>", block + "<h2>Methods</h2>", 1) if "<h2>Methods</h2>" in text \
+            else text.replace("</body>", block + "</body>", 1)
+        atomic_write_text(html_path, text)
+
+
+def to_html(section: str, pngs: dict[str, bytes]) -> str:
+    """The analysis markdown as HTML: headings, bullet lists, bold, paragraphs, inline images."""
+    import re
+
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+        return re.sub(r"\*(.+?)\*", r"<i>\1</i>", text)
+
+    parts, items = [], []
+    for line in section.splitlines() + [""]:
+        if line.startswith("- "):
+            items.append(f"<li>{inline(line[2:])}</li>")
+            continue
+        if items:
+            parts.append("<ul>" + "".join(items) + "</ul>")
+            items = []
+        if line.startswith("!["):
+            name = line[line.index("(plots/") + 7:line.index(".png")]
+            if name in pngs:
+                parts.append(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(pngs[name]).decode()}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            parts.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            parts.append(f"<p>{inline(line)}</p>")
+    return "".join(parts)

@@ -1,0 +1,224 @@
+"""``tunelab slides RUN_DIR``: a ~10-slide deck for a 15-minute talk, built only from the result files.
+
+Slides: title, the question, the methods and their math (registry notes), the set-up, the results
+table, quality vs parameters, the two Pareto plots (memory, time), trade-offs (Pareto frontiers),
+statistical ties, the recommendation, and the tuning summary when ``tunelab tune`` ran in the folder.
+
+``slides.html`` is one self-contained file (plots inlined as base64 PNG; arrow keys / space move
+between slides; one 16:9 page per slide when printed). ``slides.pdf`` is printed from it by headless
+Chromium (``--print-to-pdf``) when a Chromium binary is found; otherwise the PDF is skipped with a
+message saying how to install one.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tunelab.experiments import analysis
+from tunelab.experiments.report import load_results, plot_quality_vs_parameters, summarize
+from tunelab.utils import atomic_write_text
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
+METHODS_PER_SLIDE = 5
+
+
+def find_chromium() -> str | None:
+    """A headless-capable Chromium: ``$TUNELAB_CHROMIUM``, else the first known name on PATH."""
+    override = os.environ.get("TUNELAB_CHROMIUM")
+    if override:
+        return override if Path(override).is_file() else None
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
+
+def chromium_command(binary: str, *args: str) -> list[str]:
+    """Headless Chromium that works as root and in containers (no sandbox, no GPU, no first-run UI)."""
+    return [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", "--hide-scrollbars", *args]
+
+
+def _image(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _slide(title: str, body: str, kind: str = "") -> str:
+    return f'<section class="slide {kind}"><h2>{html.escape(title)}</h2><div class="body">{body}</div></section>'
+
+
+def _bullets(items: list[str]) -> str:
+    return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+
+
+def _setup(results: list[dict]) -> list[str]:
+    config = results[0].get("config", {})
+    data, train = config.get("data", {}), config.get("train", {})
+    sizes = sorted({r["train_size"] for r in results})
+    seeds = sorted({r["seed"] for r in results})
+    esc = html.escape
+    return [
+        f"Model <code>{esc(results[0]['model'])}</code>, objective <code>{esc(results[0]['objective'])}</code>",
+        f"Data: {esc(str(data.get('source', '?')))} · tasks {esc(', '.join(map(str, data.get('tasks', []))))} · "
+        f"domain {esc(str(data.get('domain', '?')))} · training sizes {', '.join(map(str, sizes))} · "
+        f"test {results[0].get('data_sizes', {}).get('test', '?')} held-out examples",
+        f"Training: {train.get('max_steps', '?')} steps, batch {train.get('batch_size', '?')}, "
+        f"{esc(str(train.get('schedule', '?')))} schedule; per-method learning rates as configured",
+        f"Seeds: {', '.join(map(str, seeds))} — {'mean ± 95% CI (Student t)' if len(seeds) > 1 else 'one seed: no intervals'}",
+        f"Score: each task's main held-out metric; memory = process peak RSS; versions "
+        f"{esc(', '.join(f'{k} {v}' for k, v in results[0].get('versions', {}).items()))}",
+    ]
+
+
+def _results_table(rows: list[dict]) -> str:
+    header = ["method", "train size", "seeds", "score", "trainable params", "peak MB", "train s"]
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
+        r["method"], r["train_size"], r["seeds"],
+        f"{r['score']:.4f}" + (f" ± {r['score_ci95']:.4f}" if r["seeds"] > 1 else ""),
+        f"{r['trainable_parameters']:,}", f"{r['peak_memory_mb']:.0f}", f"{r['train_seconds']:.0f}")) + "</tr>"
+        for r in rows)
+    return f"<table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>"
+
+
+def _tradeoffs(rows: list[dict]) -> list[str]:
+    items = []
+    for size in sorted({r["train_size"] for r in rows}):
+        group = [r for r in rows if r["train_size"] == size]
+        for cost, label, fmt in analysis.COSTS:
+            front = analysis.frontier(group, cost)
+            steps = " → ".join(f"<b>{html.escape(r['method'])}</b> (≤ {fmt.format(r[cost])})" for r in front)
+            items.append(f"n={size}, {label}: {steps}")
+    return items
+
+
+def _ties(rows: list[dict]) -> list[str]:
+    items = []
+    for size in sorted({r["train_size"] for r in rows}):
+        best, tied = analysis.ties([r for r in rows if r["train_size"] == size])
+        if best is None:
+            continue
+        if best["seeds"] < 2:
+            items.append(f"n={size}: {html.escape(best['method'])} leads, but with one seed no difference is significant")
+        elif tied:
+            items.append(f"n={size}: {html.escape(best['method'])} is tied with "
+                         f"{html.escape(', '.join(r['method'] for r in tied))} (overlapping 95% CIs)")
+        else:
+            items.append(f"n={size}: {html.escape(best['method'])} leads; its 95% CI overlaps no other method's")
+    return items
+
+
+def _recommendation(rows: list[dict]) -> list[str]:
+    largest = max(r["train_size"] for r in rows)
+    group = [r for r in rows if r["train_size"] == largest]
+    best, tied = analysis.ties(group)
+    if best is None:
+        return ["No finished results to recommend from."]
+    contenders = [best, *tied]
+    cheapest = min(contenders, key=lambda r: (r["peak_memory_mb"], r["trainable_parameters"]))
+    interval = f" ± {best['score_ci95']:.4f}" if best["seeds"] > 1 else ""
+    items = [f"Best held-out score at n={largest}: <b>{html.escape(best['method'])}</b> ({best['score']:.4f}{interval})"]
+    if cheapest is not best:
+        items.append(f"Statistically tied and cheaper: <b>{html.escape(cheapest['method'])}</b> "
+                     f"({cheapest['trainable_parameters']:,} trainable parameters, {cheapest['peak_memory_mb']:.0f} MB)"
+                     " — recommend it when memory or storage per task matters")
+    items.append("Re-run with more seeds where CIs overlap before claiming a winner" if tied or best["seeds"] < 2
+                 else "The lead is outside the other methods' 95% CIs")
+    return items
+
+
+def _tuning(run_dir: Path) -> str | None:
+    report = run_dir / "tune_report.md"
+    if not report.is_file():
+        return None
+    keep = [line for line in report.read_text().splitlines()
+            if line.startswith(("Default configuration", "Best (trial", "Gain over", "Trials:"))]
+    return _bullets([html.escape(line) for line in keep]) if keep else None
+
+
+def build_deck(run_dir: str | Path) -> str:
+    """The deck's HTML (one string, self-contained)."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    rows = summarize(results)
+    name = results[0].get("experiment", run_dir.name)
+    methods = sorted({r["method_label"]: r["method"] for r in results}.items())
+    method_of = dict(methods)
+    sizes = sorted({r["train_size"] for r in rows})
+    slides = [
+        f'<section class="slide title"><h1>{html.escape(name)}</h1><p>{len(methods)} methods · '
+        f'{len(results)} runs · model <code>{html.escape(results[0]["model"])}</code></p><p class="small">'
+        "generated by <code>tunelab slides</code> from the run's result files</p></section>",
+        _slide("The question", _bullets([
+            f"Which of {html.escape(', '.join(label for label, _ in methods))} gives the best held-out quality "
+            "for its cost (trainable parameters, memory, time)?",
+            f"Does the answer change with the amount of data ({', '.join(map(str, sizes))} training examples)?",
+            "Which differences are real (outside seed-to-seed noise), and which are ties?"])),
+    ]
+    for start in range(0, len(methods), METHODS_PER_SLIDE):
+        chunk = methods[start:start + METHODS_PER_SLIDE]
+        slides.append(_slide("Methods and their math", _bullets(
+            [f"<b>{html.escape(label)}</b> — {html.escape(analysis._method_notes(label, method_of) or name_)}"
+             for label, name_ in chunk]), "dense"))
+    slides += [
+        _slide("Set-up", _bullets(_setup(results))),
+        _slide("Results", _results_table(rows), "dense"),
+        _slide("Quality vs trainable parameters", _image(plot_quality_vs_parameters(rows), "quality vs parameters")),
+        _slide("Quality vs peak memory", _image(analysis.plot_pareto(rows, "peak_memory_mb", "peak memory (MB, RSS)"),
+                                                "pareto memory")),
+        _slide("Quality vs train time", _image(analysis.plot_pareto(rows, "train_seconds", "train time (s)"),
+                                               "pareto time")),
+        _slide("Trade-offs: best per budget (Pareto frontiers)", _bullets(_tradeoffs(rows)), "dense"),
+        _slide("What is a tie", _bullets(_ties(rows))),
+        _slide("Recommendation", _bullets(_recommendation(rows))),
+    ]
+    tuning = _tuning(run_dir)
+    if tuning is not None:
+        slides.append(_slide("Hyper-parameter search (tunelab tune)", tuning))
+    return _page(name, slides)
+
+
+def _page(name: str, slides: list[str]) -> str:
+    style = """
+@page{size:1280px 720px;margin:0}
+*{box-sizing:border-box}body{margin:0;background:#333;font-family:system-ui,sans-serif}
+.slide{width:1280px;height:720px;margin:20px auto;padding:48px 64px;background:#fff;color:#1d2733;
+overflow:hidden;position:relative;page-break-after:always;break-after:page}
+.slide h1{font-size:56px;margin:180px 0 24px;color:#12497a}.slide h2{font-size:36px;margin:0 0 24px;color:#12497a;
+border-bottom:4px solid #f0a030;padding-bottom:8px}.slide li{font-size:24px;margin:10px 0;line-height:1.35}
+.dense li{font-size:18px}.slide p{font-size:24px}.small{font-size:16px!important;color:#666}
+.slide img{display:block;margin:0 auto;max-height:560px;max-width:100%}
+table{border-collapse:collapse;font-size:16px;margin:0 auto}td,th{border:1px solid #bbb;padding:4px 10px}
+th{background:#e8f0f8}.slide .num{position:absolute;right:24px;bottom:16px;font-size:14px;color:#888}
+@media print{body{background:#fff}.slide{margin:0}}"""
+    numbered = [s.replace("</section>", f'<div class="num">{i + 1} / {len(slides)}</div></section>', 1)
+                for i, s in enumerate(slides)]
+    script = """<script>
+document.addEventListener('keydown',e=>{const s=[...document.querySelectorAll('.slide')];
+const y=window.scrollY;let i=s.findIndex(x=>x.offsetTop>=y-5);if(i<0)i=0;
+if(['ArrowRight','ArrowDown',' ','PageDown'].includes(e.key)){i=Math.min(i+1,s.length-1)}
+else if(['ArrowLeft','ArrowUp','PageUp'].includes(e.key)){i=Math.max(i-1,0)}else return;
+e.preventDefault();window.scrollTo(0,s[i].offsetTop-20);});</script>"""
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(name)} — slides</title>'
+            f"<style>{style}</style></head><body>{''.join(numbered)}{script}</body></html>\n")
+
+
+def print_pdf(html_path: Path, pdf_path: Path, timeout: float = 120.0) -> Path | None:
+    """Print the deck to PDF with headless Chromium; None when no Chromium is installed."""
+    binary = find_chromium()
+    if binary is None:
+        return None
+    command = chromium_command(binary, "--no-pdf-header-footer", f"--print-to-pdf={pdf_path.resolve()}",
+                               html_path.resolve().as_uri())
+    subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+    return pdf_path if pdf_path.is_file() and pdf_path.stat().st_size > 0 else None
+
+
+def write_slides(run_dir: str | Path, pdf: bool = True) -> tuple[Path, Path | None]:
+    """Write ``slides.html`` (and ``slides.pdf`` when Chromium is available) into the run directory."""
+    run_dir = Path(run_dir)
+    html_path = run_dir / "slides.html"
+    atomic_write_text(html_path, build_deck(run_dir))
+    pdf_path = print_pdf(html_path, run_dir / "slides.pdf") if pdf else None
+    return html_path, pdf_path
