@@ -61,6 +61,8 @@ def _run(config: Path, overrides: list[str], in_process: bool, resume: bool = Fa
         again = shlex.join(["tunelab", "run", str(config), *overrides, "--resume"])
         raise Interrupted(f"interrupted; finished cells are kept in {spec.run_dir}, and `{again}` continues "
                           "the unfinished one (from its last checkpoint when train.save_every is set)") from None
+    if not results:  # a non-main rank of a data-parallel launch: rank 0 prints
+        return results
     console.print(_results_table(results))
     console.print(f"report: {spec.run_dir / 'report.md'} and {spec.run_dir / 'report.html'}")
     return results
@@ -86,9 +88,17 @@ def run(
     in_process: Annotated[bool, typer.Option(help="Run cells in this process instead of one subprocess each.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run (an error if there is none); a plain "
                                          "rerun resumes too.")] = False,
+    processes: Annotated[int, typer.Option(min=1, help="Train every cell with N data-parallel processes (DDP via "
+                                           "torchrun; train.batch_size is per process, see docs/scale.md).")] = 1,
 ) -> None:
     """Run an experiment spec: every grid cell, then the report. Finished cells are skipped, an unfinished
     one continues from its last checkpoint, and a cell whose config changed runs again."""
+    from tunelab.experiments import distributed
+
+    if processes > 1 and distributed.world_size() == 1:
+        distributed.relaunch(processes, ["run", str(config), *(overrides or []), "--in-process",
+                                         *(["--resume"] if resume else [])])
+        return
     _run(config, overrides or [], in_process, resume)
 
 

@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from tunelab.errors import ConfigError, DataError, ModelError, TunelabError
-from tunelab.experiments import registry, rundir
+from tunelab.experiments import distributed, registry, rundir
 from tunelab.experiments.data import build_splits
 from tunelab.experiments.rundir import RunLock, check_writable
 from tunelab.experiments.spec import (
@@ -192,7 +192,9 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, isolate: bool = 
     check_writable(run_dir)
     if resume and not (run_dir / "results").is_dir():
         raise ConfigError(f"nothing to resume: {run_dir} holds no run; drop --resume to start it")
-    lock = RunLock(run_dir)
+    main = distributed.is_main()  # under torchrun / accelerate launch: all ranks train, rank 0 writes
+    isolate, console = isolate and distributed.world_size() == 1, console if main else None
+    lock = RunLock(run_dir) if main else distributed.NoLock()
     if run_dir.is_dir():
         lock.acquire()  # fail at once if another run works here
     try:
@@ -205,13 +207,14 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, isolate: bool = 
             preflight(pending, progress=progress, notes=notes)
             for note in dict.fromkeys(notes):
                 _say(console, f"note: {note}")
-        if pending or stale:
+        if (pending or stale) and main:
             lock.acquire()
             (run_dir / "results").mkdir(parents=True, exist_ok=True)
             for path in stale:
                 _say(console, f"{path.stem}: its config changed or left the grid; old result moved to "
                               f"{rundir.supersede(path).relative_to(run_dir)}")
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        distributed.barrier()  # the other ranks start a cell once rank 0 has set the run directory up
         for index, cell in enumerate(cells, start=1):
             result_path = _result_path(run_dir, cell)
             if cell not in pending:
@@ -223,7 +226,9 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, isolate: bool = 
             if isolate:
                 _run_cell_subprocess(cell, run_dir, keys[cell.run_id])
             else:
-                record = run_cell(cell, run_dir, progress=progress, key=keys[cell.run_id])
+                record = run_cell(cell, run_dir, progress=progress and main, key=keys[cell.run_id])
+                if not main:
+                    continue
                 atomic_write_json(result_path, record)
                 shutil.rmtree(run_dir / ".work" / cell.run_id, ignore_errors=True)
             result = json.loads(result_path.read_text())
@@ -231,6 +236,8 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, isolate: bool = 
                           f"{result['trainable_parameters']:,} trainable parameters, {result['train_seconds']:.0f} s")
             for flag in result.get("flags", []):
                 _say(console, f"    warning: {flag}")
+        if not main:
+            return []
         if (run_dir / "results").is_dir():
             write_report(run_dir)
         return [json.loads(_result_path(run_dir, c).read_text()) for c in cells]
@@ -315,17 +322,20 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
     seed_everything(spec.train.seed)
     stages = resolve_stages(spec)
     work = run_dir / ".work" / cell.run_id
-    if (work / "key").is_file() and (work / "key").read_text() != key:
+    main = distributed.is_main()  # under DDP every rank trains; rank 0 alone evaluates and writes
+    if main and (work / "key").is_file() and (work / "key").read_text() != key:
         shutil.rmtree(work)  # scratch state of another config: start over
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(work / "key", key)
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work / "key", key)
+    distributed.barrier()
     prepared = []
     for stage in stages:
         entry, (train_records, eval_records, test_records, labels) = _stage_splits(stage)
         prepared.append((stage, entry, train_records, eval_records, test_records, labels))
     model_task = prepared[0][1].model_task
     model, tokenizer = load_model(spec, model_task, prepared[0][5], progress=progress)
-    untuned = _untuned(run_dir, spec, stages, prepared, model, tokenizer, progress)
+    untuned = _untuned(run_dir, spec, stages, prepared, model, tokenizer, progress) if main else None
     seed_everything(spec.train.seed)  # the method initialises as if the untuned evaluation had not run
     model = apply_method(model, spec.method, model_task)
     objectives, stage_records, history, matrix, predictions = [], [], [], [], []
@@ -354,21 +364,25 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
             stage_history = [{**event, "stage": stage.name} for event in result.history] if len(prepared) > 1 \
                 else result.history
             started = time.perf_counter()
-            row, stage_predictions = _evaluate_row(spec, prepared, objectives, index, model, tokenizer, progress)
+            row, stage_predictions = _evaluate_row(spec, prepared, objectives, index, model, tokenizer, progress) \
+                if main else ([None] * len(prepared), [])
             stage_record = {"name": stage.name, "objective": stage.objective.name,
                             "method": stage.method.name if stage.method else None,
                             "train_size": len(train_records), "steps": result.steps,
                             "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,
                             "final_eval_loss": result.final_eval_loss,
                             "eval_seconds": time.perf_counter() - started, "metrics": row[index]}
-            _save_stage(work, index, model, objective, trained_names,
-                        (stage_record, row, stage_history, stage_predictions))
+            if main:
+                _save_stage(work, index, model, objective, trained_names,
+                            (stage_record, row, stage_history, stage_predictions))
         history += stage_history
         train_seconds += stage_record["train_seconds"]
         tokens_per_second, final_eval_loss = stage_record["tokens_per_second"], stage_record["final_eval_loss"]
         matrix.append(row)
         stage_records.append(stage_record)
         predictions = stage_predictions
+    if not main:
+        return None
     metrics = matrix[-1][len(prepared) - 1]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
