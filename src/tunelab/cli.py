@@ -315,5 +315,28 @@ def slides(
                       "TUNELAB_CHROMIUM to a Chromium binary)", markup=False)
 
 
+
+@app.command()
+def demo(
+    run: Annotated[Path | None, typer.Option(help="A run directory: its model, its adapters and its results tab.")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="Base model(s) to offer (preset, path or hub id).")] = None,
+    adapter: Annotated[list[Path] | None, typer.Option(help="Extra adapter directories to offer.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind (local only by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 = any free port).")] = 7860,
+) -> None:
+    """Serve a local web page: base model vs its adapters side by side (with latency), and a run's results."""
+    from tunelab.demo import DemoApp, serve
+
+    server = serve(DemoApp(run, models=model, adapters=adapter), host, port)
+    address, bound = server.server_address[:2]
+    console.print(f"tunelab demo on http://{address}:{bound}/ (Ctrl-C stops it)", markup=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # the way to stop a demo: a clean exit, not an interruption
+        console.print("demo stopped", markup=False)
+    finally:
+        server.server_close()
+
+
 if __name__ == "__main__":
     sys.exit(main())
