@@ -2,10 +2,10 @@
 
 MedQuAD (cancer.gov consumer health Q&A, JSONL ``question``/``answer``) and LegalBench CUAD clause
 classification (TSV ``label``/``text``) load directly through the data section (``data.source: <file>``;
-the column aliases map them to generation and classification records). PubMedQA's labelled file is a
-single JSON object keyed by PMID, which the generic loaders do not read, so :func:`pubmedqa_records`
-converts it — question + abstract contexts → ``yes``/``no``/``maybe`` — and :func:`prepare` writes it
-(and the others) as JSON Lines that a config points to::
+the column aliases map them to generation and classification records). PubMedQA's labelled file (a
+single JSON object keyed by PMID) loads directly too, with the ``pubmedqa`` format
+(:mod:`tunelab.data.formats.pubmedqa`: question + abstract contexts → ``yes``/``no``/``maybe``);
+:func:`pubmedqa_records` is that reader, and :func:`prepare` writes every set as JSON Lines::
 
     python -m tunelab.adapt.real ../shared/data runs/real-domains
     # data: {source: runs/real-domains/pubmedqa.jsonl}          (sft with smollm2-135m / tiny-llama)
@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-from tunelab.errors import DataError
-
 FILES = {
     "medquad": ("domain/medical/medquad_cancergov.jsonl", "medical"),
     "cuad_governing_law": ("domain/legal/legalbench_cuad_governing_law_test.tsv", "legal"),
@@ -29,19 +27,14 @@ PUBMEDQA = "domain/medical/pubmedqa_ori_pqal.json"
 
 
 def pubmedqa_records(path: str | Path, max_context_words: int = 120) -> list[dict]:
-    """PubMedQA-L rows as classification records (``label`` = ``final_decision``) with a prompt/response."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"PubMedQA file not found: {path}")
-    rows = json.loads(path.read_text(encoding="utf-8"))
-    records = []
-    for pmid, row in sorted(rows.items()):
-        context = " ".join(" ".join(row.get("CONTEXTS", [])).split()[:max_context_words])
-        prompt = f"Question: {row['QUESTION']}\nContext: {context}\nAnswer yes, no or maybe."
-        label = str(row["final_decision"])
-        records.append({"id": f"pubmedqa-{pmid}", "task": "pubmedqa", "domain": "medical", "kind": "classification",
-                        "text": f"{row['QUESTION']} {context}", "label": label, "prompt": prompt, "response": label})
-    return records
+    """PubMedQA-L rows as records with ``label`` = ``final_decision`` and a prompt/response.
+
+    Kept for existing callers: the reader is :func:`tunelab.data.formats.pubmedqa_records` (format
+    ``pubmedqa``, ``choice`` records), and ``data.source`` may point at the PubMedQA file directly.
+    """
+    from tunelab.data.formats import pubmedqa_records as read
+
+    return read(path, max_context_words=max_context_words)
 
 
 def prepare(shared_data: str | Path, out_dir: str | Path) -> dict[str, Path]:

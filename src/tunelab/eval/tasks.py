@@ -9,6 +9,8 @@ kind               metrics                                 main metric (``<task>
 =================  ======================================  ====================================
 generation         exact_match, token_f1, rouge_l          rouge_l; exact_match for task "qa"
 classification     accuracy of the normalised first line   accuracy
+choice             accuracy (and macro-F1) of the chosen   accuracy
+                   option: the first word(s) of the answer
 extractive_qa      exact_match, token_f1 (SQuAD, 1st line)  exact_match
 ner                entity_f1 over (text, type) sets        entity_f1
 =================  ======================================  ====================================
@@ -45,6 +47,7 @@ MAIN_METRIC_BY_KIND = {
     "generation": "rouge_l",
     "chat": "rouge_l",
     "classification": "accuracy",
+    "choice": "accuracy",
     "extractive_qa": "exact_match",
     "ner": "entity_f1",
 }
@@ -117,6 +120,20 @@ def first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
+def chosen_option(text: str, choices: Sequence[str] | None = None) -> str:
+    """The option an answer starts with, normalised (lowercase, no punctuation): ``"Yes, because…"`` -> ``"yes"``.
+
+    With ``choices``, the longest option whose words open the answer (so ``"Sci/Tech news"`` picks
+    ``"sci/tech"`` among multi-word labels); without, or when none matches, the answer's first word.
+    """
+    words = metrics.normalize_answer(text).split()
+    for option in sorted(choices or (), key=lambda c: -len(metrics.normalize_answer(str(c)).split())):
+        option_words = metrics.normalize_answer(str(option)).split()
+        if option_words and words[: len(option_words)] == option_words:
+            return " ".join(option_words)
+    return words[0] if words else ""
+
+
 def parse_entities(text: str) -> set[tuple[str, str]]:
     """Entities in a NER response string, as a set of ``(text, TYPE)``.
 
@@ -171,6 +188,10 @@ def _score_kind(
         preds = [metrics.normalize_answer(first_line(g)) for g in generations]
         refs = [metrics.normalize_answer(str(r.get("label", r.get("response", "")))) for r in records]
         return {"accuracy": metrics.accuracy(preds, refs)}
+    if kind == "choice":  # a generative multiple-choice answer (PubMedQA yes / no / maybe): its first word(s)
+        preds = [chosen_option(g, r.get("choices")) for r, g in zip(records, generations, strict=True)]
+        refs = [metrics.normalize_answer(str(r.get("label", r.get("response", "")))) for r in records]
+        return {"accuracy": metrics.accuracy(preds, refs), "macro_f1": macro_f1(preds, refs)}
     if kind == "extractive_qa":
         preds = [first_line(g) for g in generations]
         refs = [list(r["answers"]["text"]) if "answers" in r else [str(r["response"])] for r in records]

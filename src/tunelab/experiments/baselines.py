@@ -4,7 +4,7 @@
   model seed) evaluated on the same test split by the same objective. It depends on the model and the
   data, not on the method, so it is computed once per (model, data, objective, eval settings) and
   cached in ``<run_dir>/baselines/<key>.json``.
-- **majority class** (classification): always answer the most frequent training label; its accuracy
+- **majority class** (classification, ``choice``): always answer the most frequent training label; its accuracy
   on the test split is the floor a classifier must clear, and its macro-F1 is ~1/classes.
 - **flags**: ``below_untuned`` when the tuned score is lower than the untuned one, ``empty_outputs``
   when at least 10% of the generations are empty.
@@ -44,7 +44,10 @@ def store_untuned(run_dir: Path, key: str, metrics: list[dict]) -> None:
 
 
 def majority_class(train: list[dict], test: list[dict], label_key: str | None) -> dict | None:
-    """Accuracy and macro-F1 of always predicting the most frequent training label (classification)."""
+    """Accuracy and macro-F1 of always predicting the most frequent training label (classification, and
+    generative ``choice`` records such as PubMedQA's yes / no / maybe under ``sft``)."""
+    if label_key is None and train and test and all(r.get("kind") == "choice" and "label" in r for r in train + test):
+        label_key = "label"
     if label_key != "label" or not train or not test:
         return None
     from tunelab.eval.tasks import macro_f1

@@ -16,6 +16,8 @@ hh_rlhf       chosen / rejected full transcripts               preference
 jsonl/csv/tsv any columns, mapped with ``columns=``            generation, classification,
                                                                preference, ner or chat
 hf            a Hugging Face dataset, converted as above        (by its columns)
+pubmedqa      a JSON object keyed by PMID (QUESTION, CONTEXTS,  choice (yes / no / maybe)
+              final_decision); detected from that shape
 ============  ===============================================  ==========================
 
 Any malformed row raises :class:`~tunelab.errors.DataError` naming the file, the line (or list item)
@@ -30,6 +32,7 @@ Submodules (this package re-exports their public names; import from ``tunelab.da
 - ``preference``: HH-RLHF and preference records;
 - ``mapped``: column-mapped generic rows (jsonl / csv / tsv), column aliases, record kinds, NER;
 - ``messages``: turns -> canonical messages, transcripts and chat records;
+- ``nlp``: CoNLL, SQuAD and multi-task manifests; ``pubmedqa``: PubMedQA's keyed object;
 - ``common``: the located row, :class:`RowError` and the row-by-row converter helpers.
 """
 
@@ -40,6 +43,7 @@ from tunelab.data.formats.load import FORMATS, MAPPED_FORMATS, guess_format, loa
 from tunelab.data.formats.mapped import COLUMN_ALIASES, KIND_KEYS
 from tunelab.data.formats.messages import ROLES
 from tunelab.data.formats.preference import ASSISTANT, HUMAN
+from tunelab.data.formats.pubmedqa import is_pubmedqa, pubmedqa_records
 from tunelab.data.templates import render_prompt
 
 __all__ = [
@@ -53,6 +57,8 @@ __all__ = [
     "Row",
     "RowError",
     "guess_format",
+    "is_pubmedqa",
     "load_records",
+    "pubmedqa_records",
     "render_prompt",
 ]

@@ -19,9 +19,10 @@ from tunelab.data.formats.instruction import _alpaca, _dolly
 from tunelab.data.formats.mapped import _mapped
 from tunelab.data.formats.nlp import NLP_FORMATS, load_nlp
 from tunelab.data.formats.preference import ASSISTANT, HUMAN, _hh_rlhf
+from tunelab.data.formats.pubmedqa import is_pubmedqa, pubmedqa_records
 from tunelab.errors import DataError
 
-FORMATS = ("alpaca", "dolly", "oasst", "sharegpt", "hh_rlhf", "jsonl", "csv", "tsv", "hf", *NLP_FORMATS)
+FORMATS = ("alpaca", "dolly", "oasst", "sharegpt", "hh_rlhf", "jsonl", "csv", "tsv", "hf", *NLP_FORMATS, "pubmedqa")
 MAPPED_FORMATS = ("jsonl", "csv", "tsv")  # generic rows + a column mapping
 
 
@@ -53,8 +54,14 @@ def load_records(
         raise DataError(f"limit must be a positive integer, got {limit!r}")
     if format is None and str(source).endswith((".yaml", ".yml")):
         format = "tasks"  # a multi-task manifest (tunelab.data.formats.nlp)
+    if format is None and not columns and is_pubmedqa(source):
+        format = "pubmedqa"  # a JSON object keyed by PMID (tunelab.data.formats.pubmedqa)
     if format in NLP_FORMATS:
         return load_nlp(source, format, limit, load_records)
+    if format == "pubmedqa":
+        if columns:
+            raise DataError("columns= applies to jsonl/csv/tsv/hf data, not to format 'pubmedqa'; drop it")
+        return pubmedqa_records(source, limit)
     if format == "hf":
         name = str(source)
         rows, origin, task = _hf_rows(name, split), f"HF dataset '{name}'", name
