@@ -238,3 +238,19 @@ def test_cli_lists_objectives_and_methods_with_summaries(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^lora\s+LoRA", out, re.M) and re.search(r"^ia3\s+\(IA\)", out, re.M)
+
+
+def test_grid_params_make_distinct_report_rows_not_seeds():
+    from tunelab.experiments.report import summarize
+    from tunelab.experiments.spec import expand_grid
+
+    spec = validate(_spec(grid={"seeds": [0, 1], "params": {"train.learning_rate": [0.001, 0.01],
+                                                            "objective": [{"name": "sft"}]}}))
+    cells = expand_grid(spec)
+    assert sorted({c.method_label for c in cells}) == ["lora (objective=sft, learning_rate=0.001)",
+                                                       "lora (objective=sft, learning_rate=0.01)"]
+    results = [{"method_label": c.method_label, "train_size": 800, "metrics": {"score": float(i)},
+                "trainable_parameters": 1, "trainable_percent": 1.0, "train_seconds": 1.0,
+                "train_tokens_per_second": 1.0, "peak_memory_mb": 1.0} for i, c in enumerate(cells)]
+    rows = summarize(results)
+    assert len(rows) == 2 and all(row["seeds"] == 2 for row in rows)

@@ -419,14 +419,18 @@ def expand_grid(spec: ExperimentSpec) -> list[Cell]:
         raw["data"]["train_size"] = size
         raw["data"]["seed"] = seed
         parts = [method.display, f"n{size}", f"s{seed}"]
+        settings = []
         for key, value in zip(param_keys, combo, strict=True):
             set_dotted(raw, key, value)
             parts.append(f"{key.split('.')[-1]}{value}")
+            settings.append(f"{key.split('.')[-1]}={_short_value(value)}")
         run_id = clean_run_id("-".join(parts))
+        # cells that differ in grid.params are different rows of the report, not seeds of one row
+        label = f"{method.display} ({', '.join(settings)})" if settings else method.display
         if len(run_id) > RUN_ID_LIMIT:
             raise ConfigError(f"grid: run id {run_id[:40]}... is {len(run_id)} characters (at most {RUN_ID_LIMIT}); "
                               "use shorter labels or grid.params values")
-        cells.append(Cell(run_id=run_id, spec=validate(raw, f"grid cell {run_id}"), method_label=method.display))
+        cells.append(Cell(run_id=run_id, spec=validate(raw, f"grid cell {run_id}"), method_label=label))
     seen: dict[str, Cell] = {}
     for cell in cells:
         if cell.run_id in seen:
@@ -434,6 +438,22 @@ def expand_grid(spec: ExperimentSpec) -> list[Cell]:
                               "differ in letters or digits")
         seen[cell.run_id] = cell
     return cells
+
+
+def _short_value(value: Any) -> str:
+    """A grid value as a report label: objectives by name and options, lists joined, None as 'all'."""
+    if value is None:
+        return "all"
+    if isinstance(value, dict):
+        options = value.get("options") if isinstance(value.get("options"), dict) else {
+            k: v for k, v in value.items() if k != "name"}
+        inner = ",".join(f"{k}={v}" for k, v in options.items() if not isinstance(v, (dict, list)))
+        text = f"{value.get('name', '')}({inner})" if inner else str(value.get("name", value))
+    elif isinstance(value, (list, tuple)):
+        text = "+".join(_short_value(v) for v in value)
+    else:
+        text = str(value)
+    return text if len(text) <= 72 else text[:69] + "..."
 
 
 def cell_key(cell: Cell) -> str:
