@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +189,30 @@ def metric_value(record: dict, metric: str) -> float:
     return float(value)
 
 
+def open_storage(url: str):
+    """The study's storage, with heartbeats so that a dead worker's trial is failed and retried.
+
+    Every running trial's worker writes a heartbeat every ``TUNELAB_TUNE_HEARTBEAT_S`` seconds (default
+    60); the next worker to start a trial marks any trial silent for twice that long FAILED, and
+    ``RetryFailedTrialCallback`` enqueues it again once with the same values: killing a worker loses
+    at most its running trial. SQLite waits up to 60 s for a lock held by another worker.
+    """
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    heartbeat = max(1, int(os.environ.get("TUNELAB_TUNE_HEARTBEAT_S", "60")))
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    for attempt in range(10):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+        except SQLAlchemyError:  # workers creating a new database at once race on its schema: the winner's is used
+            if attempt == 9:
+                raise
+            time.sleep(0.5 + 0.5 * random.random())
+
+
 def open_study(search: SearchSpec, name: str, storage: str, seed: int):
     import optuna
 
@@ -193,7 +220,7 @@ def open_study(search: SearchSpec, name: str, storage: str, seed: int):
     pruner = optuna.pruners.MedianPruner(n_startup_trials=search.pruning.startup_trials,
                                          n_warmup_steps=search.pruning.warmup_steps) \
         if search.pruning.enabled else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+    study = optuna.create_study(study_name=name, storage=open_storage(storage), load_if_exists=True,
                                 direction=search.direction, pruner=pruner)
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     return study
@@ -212,7 +239,8 @@ def run_trials(spec: ExperimentSpec, target: Target, trials: int, storage: str, 
     run_dir = spec.run_dir
     study = open_study(search, target.study_name, storage, spec.train.seed)
     if not study.trials:
-        study.enqueue_trial(defaults(spec, target, space), user_attrs={"default": True})
+        # skip_if_exists: two workers opening a new study at once enqueue the default only once
+        study.enqueue_trial(defaults(spec, target, space), user_attrs={"default": True}, skip_if_exists=True)
 
     def objective(trial) -> float:
         params = sample(trial, space)
