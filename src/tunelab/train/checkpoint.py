@@ -80,11 +80,12 @@ def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
 
 
-def save_trainable(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the trainable parameters to a safetensors file atomically."""
+def save_trainable(model: nn.Module, path: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the trainable parameters (or ``tensors``, e.g. gathered from FSDP shards) to safetensors atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(_cpu_tensors(trainable_state_dict(model)), str(tmp), metadata={"format": "pt"})
+        save_file(_cpu_tensors(tensors if tensors is not None else trainable_state_dict(model)), str(tmp),
+                  metadata={"format": "pt"})
     return path
 
 

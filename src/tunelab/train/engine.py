@@ -26,6 +26,7 @@ from accelerate.state import AcceleratorState, PartialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tunelab.errors import ConfigError
 from tunelab.train.config import TrainConfig
@@ -131,13 +132,24 @@ def build_optimizer(
     return optimizer, scheduler
 
 
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: FSDP2 shards parameters as DTensors, gathered here (a collective:
+    under FSDP every rank must call this, in the same order)."""
+    if isinstance(param, DTensor):
+        return param.detach().full_tensor()
+    return param.detach()
+
+
 def trainable_state(model: nn.Module, extra_modules: Sequence[nn.Module] = ()) -> dict[str, torch.Tensor]:
-    """Trainable tensors of the model (by name) and of the objective's modules (``objective.<i>.*``)."""
-    state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    """Trainable tensors of the model (by name) and of the objective's modules (``objective.<i>.*``).
+
+    Under FSDP the shards are gathered, so every process must call this (the main one writes).
+    """
+    state = {name: full_tensor(p) for name, p in model.named_parameters() if p.requires_grad}
     for index, module in enumerate(extra_modules):
         for name, p in module.named_parameters():
             if p.requires_grad:
-                state[f"{OBJECTIVE_PREFIX}{index}.{name}"] = p.detach()
+                state[f"{OBJECTIVE_PREFIX}{index}.{name}"] = full_tensor(p)
     return state
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, send_to_device
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, send_to_device
 from torch import nn
 
 from tunelab.errors import ConfigError, DataError
@@ -241,16 +241,20 @@ class _Session:
         run.window_metrics = {}
 
     def evaluate(self) -> None:
-        """Evaluate on the main process only; under DDP the other ranks wait and receive its record."""
-        record = self._evaluate_here() if self.accelerator.is_main_process else None
+        """Evaluate on the main process only; under DDP the other ranks wait and receive its record.
+
+        Under FSDP every rank must join each forward (it gathers the sharded weights), so all evaluate
+        and the main process's record is the one kept."""
+        sharded = self.accelerator.distributed_type == DistributedType.FSDP
+        record = self._evaluate_here(sharded) if self.accelerator.is_main_process or sharded else None
         if self.accelerator.num_processes > 1:
             record = broadcast_object_list([record])[0]
         self.notify(record)
 
-    def _evaluate_here(self) -> dict[str, Any]:
+    def _evaluate_here(self, sharded: bool = False) -> dict[str, Any]:
         config = self.config
         # under DDP the bare module: a forward on one rank must not wait for the others
-        model = self.model if self.accelerator.num_processes == 1 else self.unwrapped
+        model = self.model if self.accelerator.num_processes == 1 or sharded else self.unwrapped
         eval_loss = evaluate_loss(
             model,
             self.eval_records,
@@ -277,9 +281,10 @@ class _Session:
 
     def save(self) -> None:
         """Write the checkpoint (main process), after everything else at this step — RNG included."""
+        # every rank gathers (FSDP shards are collected here); the main one writes
+        trainable = engine.trainable_state(self.unwrapped, self.modules) if self.output_dir is not None else None
         if self.output_dir is not None and self.accelerator.is_main_process:
             self.run.elapsed_s = self.elapsed()
-            trainable = engine.trainable_state(self.unwrapped, self.modules)
             ckpt.save_checkpoint(
                 self.output_dir,
                 trainable=trainable,
@@ -435,8 +440,10 @@ def train(
     try:
         _start(session, resume)
         _run_loop(session, progress and main)
-        if output_dir is not None and main:
-            ckpt.save_trainable(session.unwrapped, output_dir / "trainable.safetensors")
+        if output_dir is not None:
+            trainable = engine.trainable_state(session.unwrapped)  # every rank: FSDP gathers its shards
+            if main:
+                ckpt.save_trainable(session.unwrapped, output_dir / "trainable.safetensors", tensors=trainable)
     finally:
         accelerator.unwrap_model(prepared_model, keep_fp32_wrapper=False)  # drop the autocast wrapper
         model.eval()
