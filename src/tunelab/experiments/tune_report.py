@@ -60,7 +60,9 @@ def plot_history(studies: dict[str, Any], metric: str, maximize: bool) -> bytes:
                 running = y if running is None else (max(running, y) if maximize else min(running, y))
                 best.append(running)
             line = axis.plot(xs, ys, "o", alpha=0.6, label=f"{label}: trial value")[0]
-            axis.step(xs, best, where="post", color=line.get_color(), label=f"{label}: best so far")
+            # one step past the last trial, so that an improvement by the last trial shows as a step
+            axis.step([*xs, xs[-1] + 0.5], [*best, best[-1]], where="post", color=line.get_color(),
+                      label=f"{label}: best so far")
             values += ys
         axis.set_xlabel("trial number")
         if metric == "eval_loss":
@@ -86,6 +88,7 @@ def plot_curves(studies: dict[str, Any], maximize: bool) -> bytes:
                 pruned = trial.state == optuna.trial.TrialState.PRUNED
                 ys = [-v if maximize else v for _, v in points]  # back to eval loss
                 axis.plot([s for s, _ in points], ys, linestyle="--" if pruned else "-", linewidth=1,
+                          marker="x" if pruned else ".",  # a trial pruned at its first eval is one point
                           label=f"{label} #{trial.number}{' (pruned)' if pruned else ''}")
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("eval loss")
@@ -136,6 +139,9 @@ def _study_lines(label: str, study, metric: str) -> list[str]:
     lines += ["", "| trial | state | " + metric + " | train s | params |", "|---:|---|---:|---:|---|"]
     for trial in study.trials:
         value = f"{trial.value:.4f}" if trial.value is not None else "–"
+        if trial.state.name == "PRUNED" and trial.intermediate_values:  # Optuna stores the last curve value
+            step, reported = max(trial.intermediate_values.items())
+            value = f"– (eval loss {abs(reported):.3f} at step {step})"
         seconds = trial.user_attrs.get("train_seconds")
         params = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in trial.params.items())
         lines.append(f"| {trial.number} | {trial.state.name.lower()} | {value} | "
@@ -161,7 +167,8 @@ def write(spec, studies: dict[str, Any], comparison: list[dict] | None = None) -
              f"Optuna TPE, median pruning on the eval loss; metric `{search.metric}` ({search.direction}). "
              f"Search space: " + ", ".join(f"`{k}` ({v.type}{', log' if v.log else ''})"
                                            for k, v in search.params.items()) + ". "
-             "Trial 0 of each study is the spec's own configuration.", ""]
+             "Trial 0 of each study is the spec's own configuration; `method.options` keys that a method "
+             "lacks are skipped for it.", ""]
     if len(studies) > 1:
         lines += ["## Equal budget", "", "| method | trials | best " + search.metric + " | default |",
                   "|---|---:|---:|---:|"]
