@@ -110,12 +110,15 @@ def test_median_pruning_stops_a_deliberately_bad_trial(tmp_path, small_model_dir
 def test_equal_budget_gives_every_method_the_same_trials(tmp_path, small_model_dir):
     extra = SEARCH + "  per_method: true\ngrid: {methods: [{name: lora}, {name: ia3}], seeds: [0]}\n"
     spec = load_spec(write_spec(tmp_path, small_model_dir, name="equal", extra=extra))
-    outcome = tune(spec, trials=1, compare=False)
+    outcome = tune(spec, trials=1, isolate=False)
     assert {label: len(s.trials) for label, s in outcome.studies.items()} == {"lora": 1, "ia3": 1}
     assert "method.options.r" not in outcome.studies["ia3"].trials[0].params  # ia3 has no r
     best = load_spec(outcome.best_yaml)
     assert [m.name for m in best.grid.methods] == ["lora", "ia3"]
     assert "## Equal budget" in (spec.run_dir / "tune_report.md").read_text()
+    # then the comparison runs every method at its best configuration, as an ordinary experiment
+    assert [r["method_label"] for r in outcome.comparison] == ["lora", "ia3"]
+    assert (tmp_path / "runs" / "equal-best" / "report.md").is_file()
 
 
 def test_a_spec_without_search_is_a_one_line_error(tmp_path, small_model_dir, capsys):
