@@ -13,7 +13,7 @@ value is broadcast and their gradients are averaged like the model's. Every sequ
 length and dropout is zero, so each rank's token-mean loss averages to exactly the global one.
 
 Each rank writes ``rank-<r>.json``: how many eval batches it computed (evaluation runs on the main
-process only). ``--kill-at S`` SIGKILLs rank 1 once step ``S`` is logged (the launcher then stops the
+process only). ``--no-module-sync`` is the negative control of the objective-module fix. ``--kill-at S`` SIGKILLs rank 1 once step ``S`` is logged (the launcher then stops the
 other rank); ``--resume`` continues from the last checkpoint.
 """
 
@@ -90,7 +90,13 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--no-module-sync", action="store_true", help="negative control: skip averaging the "
+                        "objective modules' gradients over ranks (what the loop did before issue 17)")
     args = parser.parse_args()
+    if args.no_module_sync:
+        from tunelab.train import engine
+
+        engine.average_module_grads = lambda modules, accelerator: None
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
 
