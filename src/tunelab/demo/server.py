@@ -78,16 +78,17 @@ class DemoApp:
 
     def _model(self, name: str, adapter: str | None):
         """(model, tokenizer) of a base model, or of a copy of it with one adapter loaded (cached)."""
-        from tunelab.cli import _load_adapter, _load_model
+        from tunelab import tuners
+        from tunelab.models import zoo
 
         key = f"{name}\0{adapter or ''}"
         if key not in self._models:
             if adapter is None:
-                self._models[key] = _load_model(name)
+                self._models[key] = _one_line(f"cannot load model {name!r}", zoo.load, name, progress=False)
             else:
                 base, tokenizer = self._model(name, None)
                 model = copy.deepcopy(base)
-                _load_adapter(model, self.adapters[adapter])
+                _one_line(f"cannot load adapter {adapter!r}", tuners.load, model, self.adapters[adapter])
                 model.eval()
                 self._models[key] = (model, tokenizer)
         return self._models[key]
@@ -134,6 +135,17 @@ class DemoApp:
         return {"experiment": self.results[0].get("experiment", ""),
                 "rows": [{k: row[k] for k in keep} for row in rows],
                 "plots": {k: base64.b64encode(v).decode() for k, v in plots.items()}}
+
+
+def _one_line(what: str, function, *args, **kwargs):
+    """Call ``function``; any failure becomes a one-line TunelabError (shown on the page, never a traceback)."""
+    try:
+        return function(*args, **kwargs)
+    except TunelabError:
+        raise
+    except Exception as error:  # corrupt files, a hub id without network, ...
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise TunelabError(f"{what}: {type(error).__name__}: {first}") from None
 
 
 def _handler(app: DemoApp):
