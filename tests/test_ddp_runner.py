@@ -52,3 +52,44 @@ def test_run_with_two_processes_matches_one(tmp_path, small_model_dir):
         assert b[key] == pytest.approx(a[key], rel=0.01)
     assert parallel["final_eval_loss"] == pytest.approx(single["final_eval_loss"], rel=0.01)
     assert parallel["metrics"].keys() == single["metrics"].keys()
+
+
+STAGED = ("name: staged\noutput_dir: {runs}\nmodel: {{name: '{model}'}}\n"
+          "method: {{name: lora, options: {{r: 2, lora_dropout: 0.0, target_modules: all-linear}}}}\n"
+          "data: {{tasks: [summarization], domain: medical, train_size: 8, eval_size: 2, test_size: 2, max_length: 96}}\n"
+          "train: {{max_steps: 2, batch_size: 2, eval_every: 1, log_every: 1}}\n"
+          "eval: {{max_new_tokens: 2, latency_batches: 0}}\n"
+          "stages:\n"
+          "  - {{name: multitask, data: {{tasks: [qa, domain_classification]}}, objective: {{name: multitask, options: "
+          "{{tasks: [{{name: qa}}, {{name: domain, match: {{task: domain_classification}}}}], sharing: per_task, "
+          "switching: example}}}}}}\n"
+          "  - {{name: distill, objective: {{name: distill, options: {{teacher: {{model: '{model}'}}, "
+          "loss: forward_kl, temperature: 2.0, alpha: 0.5}}}}}}\n"
+          "  - {{name: dpo, data: {{tasks: [preference]}}, objective: {{name: dpo, options: {{reference: sft_adapter, beta: 0.1}}}}}}\n")
+
+
+def test_objectives_with_heads_teachers_and_references_run_under_ddp(tmp_path, small_model_dir):
+    """Multi-task (per-task adapters routed per example, task heads), distillation (a teacher placed on
+    each process's device) and DPO (a frozen snapshot of the adapter as reference), as stages of one
+    2-process cell."""
+    config = tmp_path / "staged.yaml"
+    config.write_text(STAGED.format(runs=tmp_path / "runs", model=small_model_dir))
+    process = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config), "--processes", "2"],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    result = json.loads(next((tmp_path / "runs" / "staged" / "results").glob("*.json")).read_text())
+    assert [s["name"] for s in result["stages"]] == ["multitask", "distill", "dpo"]
+    assert all(s["steps"] == 2 for s in result["stages"])
+    assert len(result["stage_matrix"]["scores"]) == 3
+
+
+def test_a_rank_s_user_error_is_one_line(tmp_path, small_model_dir):
+    """A mistake found inside the launched processes (DPO against the base after an earlier stage trained
+    the adapter) comes back as that process's one-line error, exit code 2."""
+    config = tmp_path / "staged.yaml"
+    config.write_text(STAGED.format(runs=tmp_path / "runs", model=small_model_dir)
+                      .replace("reference: sft_adapter", "reference: base"))
+    process = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config), "--processes", "2"],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines()[-1].startswith("error: dpo: at step 0 the policy differs")

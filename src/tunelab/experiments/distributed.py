@@ -50,8 +50,9 @@ class LaunchFailed(TunelabError):
 def relaunch(processes: int, arguments: list[str]) -> None:
     """Run ``tunelab <arguments>`` in ``processes`` data-parallel processes (``torchrun --standalone``).
 
-    torchrun stops every process when one fails or is killed; this then raises :class:`LaunchFailed`
-    with one line that says how to continue (a rerun resumes each cell from its last checkpoint).
+    torchrun stops every process when one fails or is killed. A rank's own one-line error (a user
+    mistake) is raised as it is (exit code 2); otherwise :class:`LaunchFailed` says how to continue (a
+    rerun resumes each cell from its last checkpoint).
     """
     import subprocess
     import sys
@@ -63,9 +64,17 @@ def relaunch(processes: int, arguments: list[str]) -> None:
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"  # DDP over gloo on CPU
-    code = subprocess.call(command, env=env)
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    user_error = None
+    for line in process.stderr:  # pass the processes' messages through; remember a rank's one-line error
+        sys.stderr.write(line)
+        if line.startswith("error: "):
+            user_error = user_error or line.removeprefix("error: ").strip()
+    code = process.wait()
     if code in (130, -2):
         raise KeyboardInterrupt
+    if code != 0 and user_error is not None:
+        raise TunelabError(user_error)
     if code != 0:
         raise LaunchFailed(f"a process of the {processes}-process launch failed or was killed (exit code {code}; "
                            "details above); rerun the same command to continue from the last checkpoint")
