@@ -4,7 +4,8 @@ Rank 0 alone holds the run lock, evaluates and writes the result, adapter and re
 follows the one-process run with the same global batch. Exact equality is the business of
 ``test_ddp.py`` (equal-length sequences); here summaries have different lengths, so each rank's
 token-mean loss weights its tokens a little differently from the one-process mean over all tokens
-(the same convention as DDP in HF Trainer): the curves agree within 1%, not 1e-5.
+(the same convention as DDP in HF Trainer): the curves agree within 1%, not 1e-5. A launch whose processes are SIGKILLed mid-cell stops with one
+line (exit 1), and the rerun resumes the cell from its last checkpoint to the uninterrupted curve.
 """
 
 from __future__ import annotations
@@ -24,20 +25,29 @@ CONFIG = ("name: exp\noutput_dir: {runs}\nmodel: {{name: '{model}'}}\n"
           "eval: {{max_new_tokens: 4, latency_batches: 0}}\n")
 
 
-def _start(tmp_path: Path, model: Path, name: str, batch: int, *args: str) -> subprocess.Popen:
+def _start(tmp_path: Path, model: Path, name: str, batch: int, *args: str, **env: str) -> subprocess.Popen:
     config = tmp_path / f"{name}.yaml"
     config.write_text(CONFIG.format(runs=tmp_path / name, model=model, batch=batch))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "tunelab", "run", str(config), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
-def test_run_with_two_processes_matches_one(tmp_path, small_model_dir):
-    one = _start(tmp_path, small_model_dir, "one", 4, "--in-process")
-    two = _start(tmp_path, small_model_dir, "two", 2, "--processes", "2")
-    outputs = {name: process.communicate(timeout=300) for name, process in (("one", one), ("two", two))}
-    for name, process in (("one", one), ("two", two)):
-        assert process.returncode == 0, outputs[name][1][-3000:]
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, small_model_dir):
+    """One process; two processes; two processes SIGKILLed at step 4 (checkpoint at 3) — all at once."""
+    tmp_path = tmp_path_factory.mktemp("ddp-runner")
+    processes = {"one": _start(tmp_path, small_model_dir, "one", 4, "--in-process"),
+                 "two": _start(tmp_path, small_model_dir, "two", 2, "--processes", "2"),
+                 "killed": _start(tmp_path, small_model_dir, "killed", 2, "--processes", "2",
+                                  TUNELAB_KILL_AT_STEP="4")}
+    outputs = {name: (*process.communicate(timeout=600), process.returncode) for name, process in processes.items()}
+    return tmp_path, outputs
+
+
+def test_run_with_two_processes_matches_one(launched):
+    tmp_path, outputs = launched
+    for name in ("one", "two"):
+        assert outputs[name][2] == 0, outputs[name][1][-3000:]
     assert outputs["two"][0].count("Held-out results") == 1  # rank 1 printed no table
     results = sorted((tmp_path / "two" / "exp" / "results").glob("*.json"))
     assert [p.name for p in results] == ["lora-n16-s0.json"]
@@ -52,6 +62,24 @@ def test_run_with_two_processes_matches_one(tmp_path, small_model_dir):
         assert b[key] == pytest.approx(a[key], rel=0.01)
     assert parallel["final_eval_loss"] == pytest.approx(single["final_eval_loss"], rel=0.01)
     assert parallel["metrics"].keys() == single["metrics"].keys()
+
+
+def test_a_killed_launch_is_one_line_and_a_rerun_resumes(launched, small_model_dir):
+    tmp_path, outputs = launched
+    _, stderr, code = outputs["killed"]
+    assert code == 1
+    assert stderr.strip().splitlines()[-1].startswith("error: a process of the 2-process launch failed or was killed")
+    assert (tmp_path / "killed" / "exp" / ".work" / "lora-n16-s0" / "train" / "checkpoint").is_dir()
+    rerun = _start(tmp_path, small_model_dir, "killed", 2, "--processes", "2")
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-3000:]
+    assert "resuming" in out
+    resumed, uninterrupted = (json.loads((tmp_path / n / "exp" / "results" / "lora-n16-s0.json").read_text())
+                              for n in ("killed", "two"))
+    assert [e["step"] for e in resumed["history"]] == [e["step"] for e in uninterrupted["history"]]
+    for a, b in zip(uninterrupted["history"], resumed["history"], strict=True):
+        key = "loss" if "loss" in a else "eval_loss"
+        assert b[key] == pytest.approx(a[key], abs=1e-5)
 
 
 STAGED = ("name: staged\noutput_dir: {runs}\nmodel: {{name: '{model}'}}\n"
