@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,9 +205,12 @@ def open_storage(url: str):
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     for attempt in range(10):
         try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+            with warnings.catch_warnings():  # Optuna 5 calls heartbeats experimental and renames the retry
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # callback (4.9); both
+                warnings.simplefilter("ignore", FutureWarning)  # still work: keep `tunelab tune`'s output clean
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                    failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
         except SQLAlchemyError:  # workers creating a new database at once race on its schema: the winner's is used
             if attempt == 9:
                 raise
