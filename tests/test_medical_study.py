@@ -101,6 +101,14 @@ def test_majority_baseline_covers_choice_records():
     assert majority_class([{"kind": "generation", "response": "x"}], test, label_key=None) is None
 
 
+def test_baselines_table_shows_a_choice_tasks_macro_f1():
+    from tunelab.experiments.report_baselines import markdown_section
+
+    result = {"run_id": "lora-n8-s0", "metrics": {"score": 0.5, "pubmedqa/macro_f1": 0.25},
+              "baselines": {"untuned": {"score": 0.25}, "majority_class": None}, "data_sizes": {}}
+    assert "| lora-n8-s0 | ? / ? / ? | 0.5000 | 0.2500 | 0.2500 |" in markdown_section([result])
+
+
 # ------------------------------------------------------------------- the shipped configs, own files
 @pytest.mark.parametrize("config", ["smollm2_medical", "smollm2_medical_pubmedqa"])
 def test_study_configs_run_on_a_users_own_files(config, small_model_dir, tmp_path):

@@ -13,6 +13,14 @@ def _number(value) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
+def _macro_f1(metrics: dict):
+    """``macro_f1``, or the one task's ``<task>/macro_f1`` (generative ``choice`` records)."""
+    if "macro_f1" in metrics:
+        return metrics["macro_f1"]
+    per_task = [value for key, value in metrics.items() if key.endswith("/macro_f1")]
+    return per_task[0] if len(per_task) == 1 else None
+
+
 def markdown_section(results: list[dict]) -> str:
     """``## Baselines and checks`` for result files that carry baselines (older ones are skipped)."""
     rows = [r for r in results if "baselines" in r]
@@ -31,7 +39,7 @@ def markdown_section(results: list[dict]) -> str:
         majority = r["baselines"].get("majority_class")
         untuned = r["baselines"].get("untuned") or {}
         lines.append(f"| {r['run_id']} | {train} / {sizes.get('validation', '?')} / {sizes.get('test', '?')} | "
-                     f"{_number(r['metrics'].get('score'))} | {_number(r['metrics'].get('macro_f1'))} | "
+                     f"{_number(r['metrics'].get('score'))} | {_number(_macro_f1(r['metrics']))} | "
                      f"{_number(untuned.get('score'))} | "
                      + (f"{majority['accuracy']:.4f} / {majority['macro_f1']:.4f}" if majority else "–")
                      + f" | {'**' + '; '.join(r.get('flags', [])) + '**' if r.get('flags') else 'ok'} |")
