@@ -44,5 +44,5 @@ def test_quickstart_pipeline_learns_the_medical_domain(pretrained_tiny_llama, tm
     full = next(r for r in results if r["method_label"] == "full")
     assert lora["trainable_parameters"] < 0.1 * full["trainable_parameters"]
     report = (tmp_path / "quickstart" / "report.html").read_text()
-    assert report.count("data:image/png;base64,") == 2
+    assert report.count("data:image/png;base64,") >= 2  # loss curves, quality; Pareto plots too
     assert json.loads((tmp_path / "quickstart" / "results" / "lora-n200-s0.json").read_text())["history"]
