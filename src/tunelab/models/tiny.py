@@ -24,6 +24,7 @@ pretraining never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -58,18 +59,24 @@ class TinySpec:
     steps: int = 400  # pretraining optimizer steps: about 2 minutes on 2 idle cores
     batch_size: int = 16
     learning_rate: float = 3e-3  # tiny models tolerate (and need) a large LR to learn in minutes
-    n_documents: int = 6000
+    n_documents: int = 6000  # documents about the world's own (train-split) entities
+    n_copying_documents: int = 0  # documents about fresh entities, answerable only by copying (see _corpora)
 
 
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # pretrained presets shipped in the package (bf16)
 BACKGROUND_SHARE = 0.15  # share of pretraining documents that are other-domain encyclopedic background
 
 PRESETS: dict[str, TinySpec] = {
-    # ~3.7M parameters; pretrains in about two minutes on 2 CPU cores.
-    "tiny-llama": TinySpec(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=688),
-    # ~4x larger, for distillation experiments (teacher → tiny-llama).
+    # ~3.4M parameters. 1,000 steps of 8 x 256 tokens: longer than a quickstart can wait for, so the
+    # seed-0 weights ship with the package (models/weights/) and `tunelab pretrain --force` remakes them.
+    "tiny-llama": TinySpec(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=688,
+                           block_size=256, batch_size=8, steps=1000, n_documents=4000,
+                           n_copying_documents=10000),
+    # ~4x larger, for distillation experiments (teacher → tiny-llama); pretrained on first use.
     "tiny-llama-teacher": TinySpec(
         hidden_size=384, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1024,
-        steps=600, learning_rate=2e-3,
+        block_size=256, batch_size=8, steps=1500, learning_rate=2e-3, n_documents=4000,
+        n_copying_documents=14000,
     ),
 }
 
@@ -132,6 +139,33 @@ def pack_blocks(texts: list[str], tokenizer: PreTrainedTokenizerFast, block_size
     return torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
 
 
+def pack_documents(texts: list[str], tokenizer: PreTrainedTokenizerFast,
+                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack whole documents into blocks that start at a document start: ``(input_ids, labels)``.
+
+    A document that does not fit in what is left of a block starts the next one (the rest is padding,
+    label -100); a document longer than a block is cut into block-sized pieces. Unlike
+    :func:`pack_blocks`, no question is separated from the note it is answered from, so copying
+    from the context is always possible, and so always rewarded. Shapes: ``(n_blocks, block_size)``.
+    """
+    pad = tokenizer.pad_token_id
+    rows: list[list[int]] = [[]]
+    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        document = encoded + [tokenizer.eos_token_id]
+        if len(rows[-1]) + len(document) > block_size and rows[-1]:
+            rows.append([])
+        for start in range(0, len(document), block_size):
+            if len(rows[-1]) == block_size:
+                rows.append([])
+            rows[-1].extend(document[start:start + block_size])
+    input_ids = torch.full((len(rows), block_size), pad, dtype=torch.long)
+    labels = torch.full((len(rows), block_size), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        labels[i, :len(row)] = torch.tensor(row)
+    return input_ids, labels
+
+
 def unigram_perplexity(train_blocks: torch.Tensor, eval_blocks: torch.Tensor, vocab_size: int) -> float:
     """Perplexity of an add-one smoothed unigram model of the training tokens on the eval tokens."""
     counts = Counter(train_blocks.flatten().tolist())
@@ -176,11 +210,29 @@ def _corpora(spec: TinySpec, seed: int) -> tuple[list[str], list[str], list[str]
                                      seed=seed, split="train")
     pretrain_docs += synthetic.corpus(domains=others, n_documents=n_background, seed=seed, split="train",
                                       kinds=("encyclopedia",))
+    if spec.n_copying_documents:
+        pretrain_docs += synthetic.copying_corpus(synthetic.default_world(seed), "general",
+                                                  spec.n_copying_documents, seed)
     random.Random(seed).shuffle(pretrain_docs)
     heldout_docs = synthetic.corpus(domains=("general",), n_documents=400, seed=seed, split="test")
     # The tokenizer sees every domain so that domain words are not shredded into bytes later.
     tokenizer_docs = synthetic.corpus(domains=synthetic.DOMAINS, n_documents=4000, seed=seed, split="train")
     return pretrain_docs, heldout_docs, tokenizer_docs
+
+
+def corpus_fingerprint(spec: TinySpec, seed: int = 0) -> str:
+    """SHA-256 of every text the preset is built from (tokenizer, pretraining and held-out corpora).
+
+    Shipped weights record it: when the world's generator changes, the fingerprint changes and the
+    weights no longer describe the world (a test compares the two).
+    """
+    digest = hashlib.sha256()
+    for docs in _corpora(spec, seed):
+        for doc in docs:
+            digest.update(doc.encode())
+            digest.update(b"\0")
+        digest.update(b"\1")
+    return digest.hexdigest()
 
 
 def pretrain(name: str = "tiny-llama", home: Path | None = None, seed: int = 0, progress: bool = True,
@@ -194,6 +246,9 @@ def pretrain(name: str = "tiny-llama", home: Path | None = None, seed: int = 0, 
     target = cache_dir(name, seed, home)
     if is_cached(name, seed, home) and not force:
         return target
+    if seed == 0 and steps is None and not force and (WEIGHTS_DIR / name / "pretrain.json").exists():
+        _install_shipped(name, target)
+        return target
     from tunelab.train import TrainConfig, train
 
     spec = PRESETS[name]
@@ -201,7 +256,7 @@ def pretrain(name: str = "tiny-llama", home: Path | None = None, seed: int = 0, 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     pretrain_docs, heldout_docs, tokenizer_docs = _corpora(spec, seed)
     tokenizer = train_tokenizer(tokenizer_docs, spec.vocab_size)
-    train_blocks = pack_blocks(pretrain_docs, tokenizer, spec.block_size)
+    train_blocks, train_labels = pack_documents(pretrain_docs, tokenizer, spec.block_size)
     heldout_blocks = pack_blocks(heldout_docs, tokenizer, spec.block_size)
     model = build_model(spec, tokenizer, seed)
 
@@ -210,13 +265,14 @@ def pretrain(name: str = "tiny-llama", home: Path | None = None, seed: int = 0, 
         schedule="cosine", warmup_ratio=0.05, weight_decay=0.01, max_grad_norm=1.0,
         eval_every=None, save_every=None, log_every=20, seed=seed,
     )
-    records = [{"input_ids": block} for block in train_blocks]
+    records = [{"input_ids": block, "labels": labels} for block, labels in zip(train_blocks, train_labels, strict=True)]
     result = train(model, records, _collate_blocks, config, progress=progress)
     heldout_ppl = model_perplexity(model, heldout_blocks)
-    unigram_ppl = unigram_perplexity(train_blocks, heldout_blocks, len(tokenizer))
+    unigram_ppl = unigram_perplexity(train_blocks[train_labels != -100], heldout_blocks, len(tokenizer))
 
     report = {
         "name": name, "seed": seed, "spec": asdict(spec), "steps": result.steps,
+        "corpus_fingerprint": corpus_fingerprint(spec, seed),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_tokens": int(result.steps * spec.batch_size * spec.block_size),
         "final_train_loss": result.history[-1]["loss"] if result.history else None,
@@ -227,9 +283,42 @@ def pretrain(name: str = "tiny-llama", home: Path | None = None, seed: int = 0, 
     return target
 
 
+def _install_shipped(name: str, target: Path) -> None:
+    """Copy the weights shipped in the package into the cache (bf16 on disk, float32 in the cache)."""
+    from transformers import AutoTokenizer
+
+    source = WEIGHTS_DIR / name
+    model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    report = json.loads((source / "pretrain.json").read_text()) | {"source": "shipped"}
+    _write_atomically(target, model, tokenizer, report)
+
+
+def ship(name: str, home: Path | None = None) -> Path:
+    """Write the cached seed-0 preset ``name`` into the package as bf16 (``models/weights/<name>/``).
+
+    Run after ``tunelab pretrain NAME --force``; the copy records the corpus fingerprint and the
+    held-out perplexity of the bf16 weights themselves.
+    """
+    from transformers import AutoTokenizer
+
+    source = cache_dir(name, 0, home)
+    report = pretrain_report(name, 0, home)
+    spec = PRESETS[name]
+    model = LlamaForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    _, heldout_docs, _ = _corpora(spec, 0)
+    rounded = LlamaForCausalLM.from_pretrained(source, dtype=torch.bfloat16).float()
+    report["heldout_perplexity_bf16"] = model_perplexity(rounded, pack_blocks(heldout_docs, tokenizer, spec.block_size))
+    report["corpus_fingerprint"] = corpus_fingerprint(spec, 0)
+    _write_atomically(WEIGHTS_DIR / name, model, tokenizer, report)
+    return WEIGHTS_DIR / name
+
+
 def _collate_blocks(records: list[dict]) -> dict[str, torch.Tensor]:
     input_ids = torch.stack([r["input_ids"] for r in records])  # (B, T)
-    return {"input_ids": input_ids, "labels": input_ids}
+    labels = torch.stack([r["labels"] for r in records]) if "labels" in records[0] else input_ids
+    return {"input_ids": input_ids, "labels": labels}  # (B, T) each; padding is labelled -100
 
 
 def _write_atomically(target: Path, model, tokenizer, report: dict) -> None:

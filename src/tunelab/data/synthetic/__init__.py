@@ -11,9 +11,11 @@ so memorisation and generalisation can be told apart; every answer is known exac
     documents = synthetic.corpus(domains=("general",), n_documents=2000)
 
 Modules: ``vocab`` (schemas, values, syllables), ``templates`` (sentences), ``world`` (entities and
-splits), ``translate`` (Zemish), ``render`` (notes, summaries), ``tasks`` (records), ``corpus``.
+splits), ``translate`` (Zemish), ``render`` (notes, summaries), ``tasks`` (records), ``corpus``,
+``copying`` (documents about fresh entities that only copying can predict).
 """
 
+from .copying import copying_corpus
 from .corpus import corpus, render_example
 from .tasks import TASK_KINDS, TASKS, label_names, make_task
 from .translate import LANGUAGE, Translator
@@ -29,6 +31,7 @@ __all__ = [
     "Entity",
     "Translator",
     "World",
+    "copying_corpus",
     "corpus",
     "default_world",
     "label_names",

@@ -137,6 +137,14 @@ class World:
         """Every value an attribute can take in this world (sorted): wrong answers are drawn from here."""
         return self._pools[domain, attribute]
 
+    def invent_entity(self, domain: str, namer: _Namer, rng: random.Random) -> Entity:
+        """A new entity of ``domain`` drawn like the world's own, but not part of the world.
+
+        Its name comes from ``namer`` (which must reserve the world's words to stay novel); its values
+        from the world's pools. The pretraining corpus uses these for documents that must be read.
+        """
+        return self._make_entity(domain, namer, rng)
+
     # ------------------------------------------------------------------------------------ generation
     def _make_entity(self, domain: str, namer: _Namer, rng: random.Random) -> Entity:
         attributes = {a.name: self._make_value(domain, a, namer, rng) for a in vocab.ATTRIBUTES[domain]}
