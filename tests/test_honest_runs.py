@@ -313,3 +313,18 @@ def test_readme_api_is_reproducible_when_seeded_before_apply(small_model_dir):
         tuners.apply(model, "lora", r=2, target_modules="all-linear")
         states.append({name: p.detach().clone() for name, p in tuners.trainable_parameters(model)})
     assert all(bool((states[0][k] == states[1][k]).all()) for k in states[0])
+
+
+def test_cell_key_follows_a_local_model_directory(tmp_path, small_model_dir):
+    """Item 1: a model directory whose files change makes its cells stale (name, size, mtime)."""
+    import shutil
+
+    from tunelab.experiments.spec import cell_key, expand_grid, validate
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(small_model_dir, model_dir)
+    spec = validate({"name": "x", "model": {"name": str(model_dir)}})
+    before = cell_key(expand_grid(spec)[0])
+    assert cell_key(expand_grid(spec)[0]) == before  # stable
+    (model_dir / "config.json").write_text((model_dir / "config.json").read_text() + "\n")
+    assert cell_key(expand_grid(spec)[0]) != before

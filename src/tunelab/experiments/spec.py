@@ -460,8 +460,10 @@ def cell_key(cell: Cell) -> str:
     """The identity of a cell: a hash of everything that determines its result.
 
     The resolved spec without its cosmetic fields (``name``, ``output_dir``, ``description``), plus a
-    fingerprint (SHA-256 of the content) of every data file it reads. A finished cell whose key
-    differs from the current one is stale: it is run again.
+    fingerprint (SHA-256 of the content) of every data file it reads, plus — when the model is a local
+    directory — each of its files' name, size and modification time (hashing gigabytes of weights on
+    every run would cost more than it saves). A finished cell whose key differs from the current one
+    is stale: it is run again.
     """
     import hashlib
     import json
@@ -472,6 +474,10 @@ def cell_key(cell: Cell) -> str:
         for source in (stage.data.source, stage.data.test_source):
             if source and source != "synthetic" and not source.startswith("hf:"):
                 files[source] = file_fingerprint(Path(source))
+    model_dir = Path(cell.spec.model.name)
+    if model_dir.is_dir():
+        files["model"] = sorted((str(f.relative_to(model_dir)), f.stat().st_size, f.stat().st_mtime_ns)
+                                for f in model_dir.rglob("*") if f.is_file())
     payload = json.dumps({"spec": spec, "files": files}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
