@@ -55,26 +55,34 @@ def plot_stage_matrices(matrices: dict[str, dict]) -> bytes | None:
     if not matrices:
         return None
 
+    columns = min(3, len(matrices))  # wrap into rows of three so labels never overlap
+    rows = -(-len(matrices) // columns)
+
     def draw(figure):
-        axes = figure.subplots(1, len(matrices), squeeze=False)[0]
+        grid = figure.subplots(rows, columns, squeeze=False)
+        axes = [axis for row in grid for axis in row]
         image = None
-        for axis, (label, matrix) in zip(axes, matrices.items(), strict=True):
+        for index, (axis, (label, matrix)) in enumerate(zip(axes, matrices.items(), strict=False)):
             names = matrix["stages"]
             values = [[float("nan") if v is None else v for v in row] for row in matrix["scores"]]
             image = axis.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis")
             axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
             axis.set_yticks(range(len(names)), names, fontsize=7)
-            axis.set_xlabel("test data of stage")
-            axis.set_ylabel("after stage")
+            axis.set_xlabel("test data of stage", fontsize=8)
+            if index % columns == 0:
+                axis.set_ylabel("after stage", fontsize=8)
             axis.set_title(label, fontsize=9)
             for i, row in enumerate(matrix["scores"]):
                 for j, v in enumerate(row):
                     if v is not None:
                         axis.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white")
-        figure.colorbar(image, ax=list(axes), label="held-out score")
-        figure.suptitle("Score after each stage on every stage's test data")
+        for axis in axes[len(matrices):]:
+            axis.axis("off")
+        figure.subplots_adjust(wspace=0.45, hspace=0.7)
+        figure.colorbar(image, ax=axes, label="held-out score", shrink=0.8)
+        figure.suptitle("Score after each stage (rows) on every stage's test data (columns)")
 
-    return figure_png(draw, width=max(4.0, 3.2 * len(matrices)), figure_level=True)
+    return figure_png(draw, width=max(4.5, 3.6 * columns + 1.0), height=3.4 * rows + 0.6, figure_level=True)
 
 
 # ----------------------------------------------------------------------------- domain adaptation / continual
