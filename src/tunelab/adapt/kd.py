@@ -33,6 +33,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from tunelab import IGNORE_INDEX
 from tunelab.distill.losses import forward_kl
 from tunelab.errors import ConfigError
 from tunelab.objectives.sft import SFTObjective, SFTOptions
@@ -152,7 +153,7 @@ class DomainKDObjective(SFTObjective):
         if teacher.shape[-1] != student.shape[-1]:
             raise ConfigError(f"domain_kd: teacher vocabulary ({teacher.shape[-1]}) differs from the student's "
                               f"({student.shape[-1]}); use a teacher with the same tokenizer")
-        mask = general["labels"][:, 1:] != -100  # (B, T-1)
+        mask = general["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1)
         kd = forward_kl(student[:, :-1], teacher[:, :-1], self.config.temperature, mask)
         return LossOutput(task + self.config.kd_weight * kd, {"ce": float(task.detach()), "kd": float(kd.detach())})
 

@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from tunelab import IGNORE_INDEX
 from tunelab.adapt.store import store
 from tunelab.distill.losses import forward_kl
 from tunelab.objectives.sft import SFTObjective, SFTOptions
@@ -82,7 +83,7 @@ class LwFObjective(SFTObjective):
         out = model(**batch)
         if teacher is None:
             return LossOutput(out.loss, {"ce": float(out.loss.detach())})
-        mask = batch["labels"][:, 1:] != -100  # (B, T-1): logits at t predict labels at t+1
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1): logits at t predict labels at t+1
         kd = forward_kl(out.logits[:, :-1], teacher[:, :-1], self.config.temperature, mask)
         total = out.loss + self.config.alpha * kd
         return LossOutput(total, {"ce": float(out.loss.detach()), "lwf_kd": float(kd.detach())})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunelab import IGNORE_INDEX  # the one definition; re-exported for older imports
 from tunelab.align.rl import (
     AdaptiveKLController,
     gae,
@@ -25,8 +26,6 @@ from tunelab.align.rl import (
     ppo_policy_loss,
     value_loss,
 )
-
-IGNORE_INDEX = -100  # label value that marks a token as not scored (prompt, padding)
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 

@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 
+from tunelab import IGNORE_INDEX  # the one definition; re-exported for older imports
 from tunelab.data.templates import Segment, record_segments
 from tunelab.errors import ConfigError, DataError, ModelError
-
-IGNORE_INDEX = -100
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100  # label value that marks a position as not scored (prompt, padding)
+from tunelab import IGNORE_INDEX  # the one definition; re-exported for older imports
 
 
 def mask_from_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,11 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-Answer = str | Sequence[str]  # one reference string or several acceptable ones
-Span = tuple[int, int]  # (start, end) character offsets, end exclusive
+from tunelab import IGNORE_INDEX  # the one definition; re-exported for older imports
 
-IGNORE_INDEX = -100  # label value that marks a token as not scored (prompt, padding)
+Answer = str | Sequence[str]  # one reference string or several acceptable ones
+
+Span = tuple[int, int]  # (start, end) character offsets, end exclusive
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)

@@ -35,11 +35,10 @@ from typing import Any
 
 import torch
 
+from tunelab import IGNORE_INDEX  # the one definition; re-exported for older imports
 from tunelab.errors import DataError
 from tunelab.eval import metrics
 from tunelab.eval.generate import greedy, progress_bar
-
-IGNORE_INDEX = -100
 
 # Main metric of a group: by record kind; for generation kinds the task name may refine it.
 MAIN_METRIC_BY_TASK = {"qa": "exact_match", "summarization": "rouge_l", "translation": "rouge_l"}

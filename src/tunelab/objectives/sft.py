@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import Field
 from torch import nn
 
+from tunelab import IGNORE_INDEX
 from tunelab.train.objective import BaseObjective, ObjectiveConfig
 
 
@@ -79,7 +80,7 @@ class LMObjective(SFTObjective):
             for start in range(0, len(records), batch_size):
                 batch = collate(list(records[start : start + batch_size]))
                 batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
-                tokens = int((batch["labels"][:, 1:] != -100).sum())
+                tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 total += float(model(**batch).loss) * tokens
                 count += tokens
         perplexity = math.exp(total / max(count, 1))
@@ -96,7 +97,7 @@ class _TextCollator:
         self.pad, self.field = pad_token_id(tokenizer), field
 
     def __call__(self, records: list[dict]) -> dict:
-        from tunelab.data.collate import IGNORE_INDEX, pad_right
+        from tunelab.data.collate import pad_right
         from tunelab.errors import DataError
 
         ids = []
