@@ -114,6 +114,13 @@ class _OnlineObjective(BaseObjective):
             self.reference.check(self.name, (policy.detach() - reference).sum(-1))
         return reference
 
+    def current_rollout(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """The rollout this step trains on: a fresh one every ``num_iterations`` steps, else the last."""
+        if self.buffer is None or self.uses >= self.config.num_iterations:
+            self.buffer, self.uses = self.new_rollout(model, batch), 0
+        self.uses += 1
+        return self.buffer
+
     def eval_loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         rollout = self.rollout(model, batch, 1, 0.0)
         reward = self.score(rollout, batch["answers"])
@@ -176,10 +183,8 @@ class GRPOObjective(_OnlineObjective):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         if not torch.is_grad_enabled():
             return self.eval_loss(model, batch)
-        if self.buffer is None or self.uses >= self.config.num_iterations:
-            self.buffer, self.uses = self.new_rollout(model, batch), 0
-        self.uses += 1
-        buffer, rollout = self.buffer, self.buffer["rollout"]
+        buffer = self.current_rollout(model, batch)
+        rollout = buffer["rollout"]
         mask = rollout.completion_mask
         logps, _ = token_logps(model, rollout)  # (N, S) with grad
         old = buffer["old"] if buffer["old"] is not None else logps.detach()
@@ -262,10 +267,7 @@ class PPOObjective(_OnlineObjective):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         if not torch.is_grad_enabled():
             return self.eval_loss(model, batch)
-        if self.buffer is None or self.uses >= self.config.num_iterations:
-            self.buffer, self.uses = self.new_rollout(model, batch), 0
-        self.uses += 1
-        buffer, config = self.buffer, self.config
+        buffer, config = self.current_rollout(model, batch), self.config
         mask = buffer["rollout"].completion_mask
         logps, values = self.policy(model, buffer["rollout"])
         pg_loss, stats = ppo_policy_loss(logps, buffer["old"], buffer["advantages"], config.clip_range, mask)
