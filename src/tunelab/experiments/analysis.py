@@ -12,7 +12,7 @@ For each training-set size:
   so the explanation is the same text as ``tunelab methods`` and the Methods section.
 
 Pareto plots (quality vs peak memory, vs train time) start their quality axis at 0 (``plots.score_axis``).
-``append_to_report`` adds the section to an existing ``report.md`` / ``report.html`` (one call from
+``report_section`` returns the section for ``report.md`` / ``report.html`` (one call from
 :func:`tunelab.experiments.report.write_report`).
 """
 
@@ -152,30 +152,19 @@ def plot_pareto(rows: list[dict], cost: str, label: str) -> bytes:
     return figure_png(draw)
 
 
-def append_to_report(run_dir: str | Path, results: list[dict], rows: list[dict]) -> None:
-    """Add the analysis and its Pareto plots to ``report.md`` and ``report.html`` (already written)."""
-    from tunelab.utils import atomic_write_text
-
+def report_section(run_dir: str | Path, results: list[dict], rows: list[dict]) -> tuple[str, str]:
+    """The analysis as ``(markdown, html block)`` for the report, with its Pareto plots written to
+    ``run_dir/plots``; ``("", "")`` when there is nothing to analyse."""
     run_dir = Path(run_dir)
     section = markdown_section(results, rows)
     if not section:
-        return
+        return "", ""
     pngs = {"pareto_memory": plot_pareto(rows, "peak_memory_mb", "peak memory (MB, RSS)"),
             "pareto_time": plot_pareto(rows, "train_seconds", "train time (s)")}
     (run_dir / "plots").mkdir(exist_ok=True)
     for name, png in pngs.items():
         (run_dir / "plots" / f"{name}.png").write_bytes(png)
-    markdown = (run_dir / "report.md").read_text()
-    anchor = "## Methods"
-    markdown = markdown.replace(anchor, section + anchor, 1) if anchor in markdown else markdown + "\n" + section
-    atomic_write_text(run_dir / "report.md", markdown)
-    html_path = run_dir / "report.html"
-    if html_path.is_file():
-        text = html_path.read_text()
-        block = f'<section id="analysis">{to_html(section, pngs)}</section>'
-        text = text.replace("<h2>Methods</h2>", block + "<h2>Methods</h2>", 1) if "<h2>Methods</h2>" in text \
-            else text.replace("</body>", block + "</body>", 1)
-        atomic_write_text(html_path, text)
+    return section, f'<section id="analysis">{to_html(section, pngs)}</section>'
 
 
 def to_html(section: str, pngs: dict[str, bytes]) -> str:

@@ -163,6 +163,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if stage_png is not None:
         (plots / "stage_matrix.png").write_bytes(stage_png)
         stage_md += "![stage matrix](plots/stage_matrix.png)\n\n"
+    analysis_md, analysis_html = analysis.report_section(run_dir, results, rows)  # written analysis + Pareto plots
     first = results[0]
     markdown = (
         f"# Experiment `{name}`\n\n"
@@ -171,13 +172,12 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         "Peak RSS is the run's process maximum.\n\n"
         f"## Results\n\n{markdown_table(rows)}\n\n## All metrics\n\n{_metric_table(rows)}\n\n{stage_md}"
         "## Plots\n\n![loss curves](plots/loss_curves.png)\n\n![quality vs parameters](plots/quality_vs_parameters.png)\n\n"
-        f"## Methods\n\n{notes}\n\n## Environment\n\n`{json.dumps(first.get('versions', {}))}`, git "
+        f"{analysis_md}## Methods\n\n{notes}\n\n## Environment\n\n`{json.dumps(first.get('versions', {}))}`, git "
         f"`{first.get('git_sha') or 'n/a'}`\n"
     )
     atomic_write_text(run_dir / "report.md", markdown)
     html_text = _html(name, rows, results, notes, loss_png, quality_png, stage_md, stage_png)
-    atomic_write_text(run_dir / "report.html", html_text)
-    analysis.append_to_report(run_dir, results, rows)  # written analysis + Pareto plots (experiments/analysis.py)
+    atomic_write_text(run_dir / "report.html", html_text.replace("<h2>Methods</h2>", analysis_html + "<h2>Methods</h2>", 1))
     return run_dir / "report.md", run_dir / "report.html"
 
 
