@@ -108,9 +108,6 @@ def _metric_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-_figure_png = figure_png
-
-
 def plot_loss_curves(results: list[dict]) -> bytes:
     def draw(axis):
         for result in results:
@@ -123,7 +120,7 @@ def plot_loss_curves(results: list[dict]) -> bytes:
         axis.set_title("Training loss")
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
-    return _figure_png(draw)
+    return figure_png(draw)
 
 
 def plot_quality_vs_parameters(rows: list[dict]) -> bytes:
@@ -138,7 +135,7 @@ def plot_quality_vs_parameters(rows: list[dict]) -> bytes:
         axis.set_title("Quality vs trainable parameters (error bars: 95% CI over seeds)")
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
-    return _figure_png(draw)
+    return figure_png(draw)
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
