@@ -1,6 +1,7 @@
 """The ``tunelab`` command line (typer).
 
 Every user mistake surfaces as ``error: <one line>`` on stderr with exit code 2 — never a traceback.
+Grid cells that failed while the others finished end ``tunelab run`` with one such line and exit code 1.
 """
 
 from __future__ import annotations
@@ -47,20 +48,27 @@ class Interrupted(TunelabError):
     exit_code = 130
 
 
-def _run(config: Path, overrides: list[str], in_process: bool, resume: bool = False) -> list[dict]:
+def _run(config: Path, overrides: list[str], in_process: bool, resume: bool = False, jobs: int = 1) -> list[dict]:
     import shlex
 
+    from tunelab.experiments.jobs import CellsFailed
     from tunelab.experiments.runner import run_experiment
     from tunelab.experiments.spec import load_spec
 
     spec = load_spec(config, overrides)
     console.print(f"[bold]tunelab run[/bold] {spec.name} → {spec.run_dir}")
     try:
-        results = run_experiment(spec, progress=True, isolate=not in_process, console=console, resume=resume)
+        results = run_experiment(spec, progress=True, isolate=not in_process, console=console, resume=resume,
+                                 jobs=jobs)
     except KeyboardInterrupt:
         again = shlex.join(["tunelab", "run", str(config), *overrides, "--resume"])
         raise Interrupted(f"interrupted; finished cells are kept in {spec.run_dir}, and `{again}` continues "
                           "the unfinished one (from its last checkpoint when train.save_every is set)") from None
+    except CellsFailed as failed:  # the others finished and the report lists the failed ones: show both
+        if failed.results:
+            console.print(_results_table(failed.results))
+        console.print(f"report: {spec.run_dir / 'report.md'} and {spec.run_dir / 'report.html'}")
+        raise
     if not results:  # a non-main rank of a data-parallel launch: rank 0 prints
         return results
     console.print(_results_table(results))
@@ -90,16 +98,21 @@ def run(
                                          "rerun resumes too.")] = False,
     processes: Annotated[int, typer.Option(min=1, help="Train every cell with N data-parallel processes (DDP via "
                                            "torchrun; train.batch_size is per process, see docs/scale.md).")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help="Run up to N grid cells at once, each in its own subprocess "
+                                      "with cpu_count // N threads (see docs/experiments.md).")] = 1,
 ) -> None:
     """Run an experiment spec: every grid cell, then the report. Finished cells are skipped, an unfinished
-    one continues from its last checkpoint, and a cell whose config changed runs again."""
+    one continues from its last checkpoint, and a cell whose config changed runs again. A cell that fails
+    is recorded and listed in the report while the others go on; the command then exits with code 1."""
     from tunelab.experiments import distributed
+    from tunelab.experiments import jobs as parallel
 
+    parallel.check(jobs, not in_process, max(processes, distributed.world_size()))
     if processes > 1 and distributed.world_size() == 1:
         distributed.relaunch(processes, ["run", str(config), *(overrides or []), "--in-process",
                                          *(["--resume"] if resume else [])])
         return
-    _run(config, overrides or [], in_process, resume)
+    _run(config, overrides or [], in_process, resume, jobs)
 
 
 @app.command()
@@ -108,7 +121,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. r
     from tunelab.experiments.report import load_results, write_report
 
     markdown, html_path = write_report(run_dir)
-    console.print(_results_table(load_results(run_dir)))
+    if any((run_dir / "results").glob("*.json")):  # else every cell failed: the report lists the failures
+        console.print(_results_table(load_results(run_dir)))
     console.print(f"report: {markdown} and {html_path}")
 
 

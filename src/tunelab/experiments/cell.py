@@ -2,7 +2,9 @@
 
 The parent writes ``RUN_DIR/.work/RUN_ID/cell.json``; this process trains and evaluates the cell, writes
 ``RUN_DIR/results/RUN_ID.json`` atomically, then removes its scratch folder. A user mistake prints
-``error: <message>`` and exits 2; Ctrl-C exits 130 quietly (the parent prints how to resume).
+``error: <message>`` and exits 2, any other exception prints its traceback and exits 1; both leave
+``RUN_DIR/.work/RUN_ID/error.json`` (the exception's type and message) for the parent's failure record.
+Ctrl-C exits 130 quietly (the parent prints how to resume).
 
 The cell never outlives the parent: on Linux the kernel sends it SIGKILL when the parent dies
 (``prctl(PR_SET_PDEATHSIG)``), and everywhere a watchdog thread ends it once its parent process is gone
@@ -16,6 +18,7 @@ import shutil
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -61,13 +64,28 @@ def main(argv: list[str]) -> int:
     try:
         result = run_cell(cell, run_dir, progress=sys.stderr.isatty() or sys.stdout.isatty(), key=key)
     except TunelabError as error:
+        _record(work, error)
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # the parent records it and goes on with the other cells
+        traceback.print_exc()
+        _record(work, error)
+        return 1
     atomic_write_json(run_dir / "results" / f"{run_id}.json", result)
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _record(work: Path, error: BaseException) -> None:
+    """``error.json`` in the cell's scratch folder: what the parent writes into ``failed/<run>.json``."""
+    from tunelab.utils import atomic_write_json
+
+    try:
+        atomic_write_json(work / "error.json", {"type": type(error).__name__, "message": str(error)})
+    except OSError:
+        pass  # the parent falls back to the exit code
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 aggregated over seeds (mean ± the half-width of the 95% confidence interval, Student's t); plots are
 embedded as base64 PNG so the HTML is one file; quality axes start at 0. Each method used gets a short
 explanation of its math. Staged experiments get the cross-evaluation matrix (:mod:`report_stages`).
+Cells that failed (``failed/<run>.json``, see :mod:`tunelab.experiments.jobs`) are listed in a section
+of their own.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from tunelab.distill import report as distill_report
 from tunelab.errors import DataError
-from tunelab.experiments import analysis, report_baselines, report_stages
+from tunelab.experiments import analysis, report_baselines, report_stages, rundir
 from tunelab.experiments.plots import ci95, figure_png, score_axis
 from tunelab.multitask import report as multitask_report
 from tunelab.utils import atomic_write_text
@@ -141,6 +143,9 @@ def plot_quality_vs_parameters(rows: list[dict]) -> bytes:
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Rebuild ``report.md`` (+ PNG plots) and a self-contained ``report.html`` from the result files."""
     run_dir = Path(run_dir)
+    failed = rundir.failures(run_dir)
+    if failed and not any((run_dir / "results").glob("*.json")):
+        return _write_failures_only(run_dir, failed)
     results = load_results(run_dir)
     rows = summarize(results)
     name = results[0].get("experiment", run_dir.name)
@@ -164,21 +169,54 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     first = results[0]
     markdown = (
         f"# Experiment `{name}`\n\n"
-        f"Model `{first['model']}`, objective `{first['objective']}`, {len(results)} run(s). Score = the task's "
+        f"Model `{first['model']}`, objective `{first['objective']}`, {len(results)} run(s)"
+        f"{f', {len(failed)} failed (see Failed cells)' if failed else ''}. Score = the task's "
         "main held-out metric (see docs/evaluation.md); with several seeds, mean ± 95% confidence interval. "
         "Peak RSS is the run's process maximum.\n\n"
-        f"## Results\n\n{markdown_table(rows)}\n\n## All metrics\n\n{_metric_table(rows)}\n\n{stage_md}"
+        f"## Results\n\n{markdown_table(rows)}\n\n{failed_markdown(failed)}## All metrics\n\n{_metric_table(rows)}\n\n{stage_md}"
         "## Plots\n\n![loss curves](plots/loss_curves.png)\n\n![quality vs parameters](plots/quality_vs_parameters.png)\n\n"
         f"{analysis_md}## Methods\n\n{notes}\n\n## Environment\n\n`{json.dumps(first.get('versions', {}))}`, git "
         f"`{first.get('git_sha') or 'n/a'}`\n"
     )
     atomic_write_text(run_dir / "report.md", markdown)
-    html_text = _html(name, rows, results, notes, loss_png, quality_png, stage_md, stage_png)
+    html_text = _html(name, rows, results, notes, loss_png, quality_png, stage_md, stage_png, failed)
     atomic_write_text(run_dir / "report.html", html_text.replace("<h2>Methods</h2>", analysis_html + "<h2>Methods</h2>", 1))
     return run_dir / "report.md", run_dir / "report.html"
 
 
-def _html(name, rows, results, notes, loss_png, quality_png, stage_md="", stage_png=None) -> str:
+FAILED_NOTE = "These cells stopped with an error and have no result; rerunning the same command retries them."
+
+
+def failed_markdown(failed: list[dict]) -> str:
+    """The "Failed cells" section: cell, error, log (empty when every cell finished)."""
+    if not failed:
+        return ""
+    lines = [f"| {f.get('run_id')} | {f.get('error_type')}: {str(f.get('message')).replace('|', '/')} | "
+             f"{f.get('log') or '–'} |" for f in failed]
+    return f"## Failed cells\n\n{FAILED_NOTE}\n\n| cell | error | log |\n|---|---|---|\n" + "\n".join(lines) + "\n\n"
+
+
+def _failed_html(failed: list[dict]) -> str:
+    if not failed:
+        return ""
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
+        f.get("run_id"), f"{f.get('error_type')}: {f.get('message')}", f.get("log") or "–")) + "</tr>" for f in failed)
+    return (f"<h2>Failed cells</h2><p>{FAILED_NOTE}</p><table><tr><th>cell</th><th>error</th><th>log</th></tr>"
+            f"{rows}</table>")
+
+
+def _write_failures_only(run_dir: Path, failed: list[dict]) -> tuple[Path, Path]:
+    """The report of a run in which no cell finished: the failed cells alone."""
+    name = run_dir.name
+    atomic_write_text(run_dir / "report.md", f"# Experiment `{name}`\n\nNo cell finished.\n\n{failed_markdown(failed)}")
+    atomic_write_text(run_dir / "report.html", f"""<!doctype html><html><head><meta charset="utf-8">
+<title>tunelab: {html.escape(name)}</title></head><body><h1>Experiment <code>{html.escape(name)}</code></h1>
+<p>No cell finished.</p>{_failed_html(failed)}</body></html>
+""")
+    return run_dir / "report.md", run_dir / "report.html"
+
+
+def _html(name, rows, results, notes, loss_png, quality_png, stage_md="", stage_png=None, failed=()) -> str:
     def image(png: bytes, alt: str) -> str:
         return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -204,7 +242,7 @@ td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
 <h1>Experiment <code>{html.escape(name)}</code></h1>
 <p>Model <code>{html.escape(results[0]['model'])}</code>, objective <code>{html.escape(results[0]['objective'])}</code>,
 {len(results)} run(s).</p>
-<h2>Results</h2><table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>
+<h2>Results</h2><table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>{_failed_html(list(failed))}
 <h2>Plots</h2>{image(loss_png, 'loss curves')}{image(quality_png, 'quality vs trainable parameters')}
 {stages_html}
 <h2>Methods</h2><ul>{note_items}</ul></body></html>

@@ -7,6 +7,9 @@
   a result whose key differs from the current cell's is stale: it is moved to ``results/superseded/``
   and the cell runs again. Results of cells that are no longer in the grid move there too, so that
   ``config.yaml`` and ``results/*.json`` always describe each other.
+- **Failed cells**: a cell that stopped with an error has no result but ``failed/<run>.json`` (error type,
+  one-line message, exit code) and ``failed/<run>.log`` (the end of its log); a rerun retries it and
+  removes both when it finishes. Records of cells that left the grid or whose config changed are dropped.
 - **Nothing before the first cell**: :func:`check_writable` runs in preflight; the directory itself is
   created only when the first cell starts.
 """
@@ -19,6 +22,9 @@ import shutil
 from pathlib import Path
 
 from tunelab.errors import ConfigError
+from tunelab.utils import atomic_write_json, atomic_write_text
+
+LOG_TAIL = 200_000  # characters of a failed cell's log kept in failed/<run>.log
 
 
 class RunLock:
@@ -82,3 +88,38 @@ def supersede(path: Path) -> Path:
         index += 1
     shutil.move(str(path), str(target))
     return target
+
+
+def write_failure(run_dir: Path, run_id: str, record: dict, log: str | None) -> dict:
+    """Record a failed cell: ``failed/<run>.json`` and, with a log, ``failed/<run>.log`` (its end)."""
+    folder = Path(run_dir) / "failed"
+    if log:
+        atomic_write_text(folder / f"{run_id}.log", log[-LOG_TAIL:])
+        record = {**record, "log": f"failed/{run_id}.log"}
+    atomic_write_json(folder / f"{run_id}.json", record)
+    return record
+
+
+def clear_failure(run_dir: Path, run_id: str) -> None:
+    for suffix in (".json", ".log"):
+        (Path(run_dir) / "failed" / f"{run_id}{suffix}").unlink(missing_ok=True)
+
+
+def failures(run_dir: Path) -> list[dict]:
+    """The failure records of a run directory, by run id."""
+    records = []
+    for path in sorted((Path(run_dir) / "failed").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def drop_stale_failures(run_dir: Path, keys: dict[str, str]) -> None:
+    """Forget failures of cells that left the grid (``keys``: run id -> current cell key) or changed config."""
+    for path in sorted((Path(run_dir) / "failed").glob("*.json")):
+        if keys.get(path.stem) != result_key(path):
+            clear_failure(run_dir, path.stem)

@@ -11,9 +11,11 @@ Order of work, chosen so that a mistake never leaves a half-written run director
    (unknown options, target modules that match nothing, bad data rows all fail here);
 3. only then create ``runs/<name>/``; each cell trains in a scratch folder ``.work/<run>/`` and its
    result file is written atomically when it is complete; finished cells are skipped on a rerun;
-4. the report is rebuilt from the result files (:mod:`tunelab.experiments.report`).
+4. the report is rebuilt from the result files and failure records (:mod:`tunelab.experiments.report`).
 
-By default each cell runs in a fresh Python subprocess, so that its peak memory (max RSS) is its own.
+By default each cell runs in a fresh Python subprocess, so that its peak memory (max RSS) is its own;
+``jobs`` > 1 runs several at once (:mod:`tunelab.experiments.jobs`). A cell that fails does not stop the
+others: it leaves ``failed/<run>.json``, the report lists it, and the run ends with exit code 1.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import platform
 import shutil
 import signal
 import subprocess
-import sys
+import threading
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ import yaml
 
 from tunelab.errors import ConfigError, DataError, ModelError, TunelabError
 from tunelab.experiments import distributed, registry, rundir
+from tunelab.experiments import jobs as parallel
 from tunelab.experiments.data import build_splits
 from tunelab.experiments.rundir import RunLock, check_writable
 from tunelab.experiments.spec import (
@@ -179,17 +183,21 @@ def _check_prompt_length(model, methods, max_length: int) -> None:
 
 
 def run_experiment(spec: ExperimentSpec, progress: bool = True, isolate: bool = True,
-                   console=None, resume: bool = False) -> list[dict]:
+                   console=None, resume: bool = False, jobs: int = 1) -> list[dict]:
     """Run every cell of ``spec`` (skipping finished ones, resuming unfinished ones) and rebuild the report.
 
     ``resume=True`` insists on an existing run directory (a typo in the name fails instead of starting
-    afresh); otherwise a rerun resumes just the same.
+    afresh); otherwise a rerun resumes just the same. ``jobs`` > 1 runs up to that many cells at once, each
+    in its own subprocess (:mod:`tunelab.experiments.jobs`). A cell that fails is recorded in
+    ``failed/<run>.json`` and the others go on; once the report is written, ``jobs.CellsFailed`` (exit
+    code 1) names the failed cells, and a rerun retries them.
     """
     from tunelab.experiments.report import write_report
 
     cells = expand_grid(spec)
     run_dir = spec.run_dir
     check_writable(run_dir)
+    parallel.check(jobs, isolate, distributed.world_size())
     if resume and not (run_dir / "results").is_dir():
         raise ConfigError(f"nothing to resume: {run_dir} holds no run; drop --resume to start it")
     main = distributed.is_main()  # under torchrun / accelerate launch: all ranks train, rank 0 writes
@@ -213,34 +221,45 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, isolate: bool = 
             for path in stale:
                 _say(console, f"{path.stem}: its config changed or left the grid; old result moved to "
                               f"{rundir.supersede(path).relative_to(run_dir)}")
+            rundir.drop_stale_failures(run_dir, keys)
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
         distributed.barrier()  # the other ranks start a cell once rank 0 has set the run directory up
+        todo, failures = [], {}
         for index, cell in enumerate(cells, start=1):
-            result_path = _result_path(run_dir, cell)
-            if cell not in pending:
+            if cell in pending:
+                todo.append((index, cell))
+            else:
                 _say(console, f"[{index}/{len(cells)}] {cell.run_id}: done already, skipped")
-                continue
+
+        def start(index: int, cell: Cell) -> None:
             resumed = (run_dir / ".work" / cell.run_id / "key").is_file()
             _say(console, f"[{index}/{len(cells)}] {cell.run_id}: {'resuming' if resumed else 'training'} "
                           f"{cell.spec.method.name}")
-            if isolate:
-                _run_cell_subprocess(cell, run_dir, keys[cell.run_id])
-            else:
-                record = run_cell(cell, run_dir, progress=progress and main, key=keys[cell.run_id])
-                if not main:
-                    continue
-                atomic_write_json(result_path, record)
-                shutil.rmtree(run_dir / ".work" / cell.run_id, ignore_errors=True)
-            result = json.loads(result_path.read_text())
-            _say(console, f"    score {result['metrics'].get('score', float('nan')):.4f}, "
-                          f"{result['trainable_parameters']:,} trainable parameters, {result['train_seconds']:.0f} s")
-            for flag in result.get("flags", []):
-                _say(console, f"    warning: {flag}")
+
+        if jobs > 1 and len(todo) > 1:
+            env = parallel.thread_env(min(jobs, len(todo)))
+            _say(console, f"running up to {min(jobs, len(todo))} cells at once, {env['OMP_NUM_THREADS']} thread(s) each")
+
+            def work(item, popen):
+                start(*item)
+                return parallel.run_cell_process(item[1], run_dir, keys[item[1].run_id], env, popen)
+
+            parallel.run(todo, jobs, work, lambda item, outcome: _finish(
+                console, run_dir, item[1], outcome, f"[{item[0]}/{len(cells)}] {item[1].run_id}: ", failures))
+        else:
+            for index, cell in todo:
+                start(index, cell)
+                outcome = _run_one(cell, run_dir, keys[cell.run_id], isolate, progress, main)
+                if main:
+                    _finish(console, run_dir, cell, outcome, "    ", failures)
         if not main:
             return []
         if (run_dir / "results").is_dir():
             write_report(run_dir)
-        return [json.loads(_result_path(run_dir, c).read_text()) for c in cells]
+        results = [json.loads(_result_path(run_dir, c).read_text()) for c in cells if c.run_id not in failures]
+        if failures:
+            raise parallel.CellsFailed(parallel.failed_message(failures, len(cells), run_dir), results)
+        return results
     finally:
         lock.release()
 
@@ -249,51 +268,45 @@ def _result_path(run_dir: Path, cell: Cell) -> Path:
     return run_dir / "results" / f"{cell.run_id}.json"
 
 
+_SAY_LOCK = threading.Lock()  # with --jobs, worker threads announce the cells they start
+
+
 def _say(console, text: str) -> None:
     if console is not None:
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        with _SAY_LOCK:
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _run_cell_subprocess(cell: Cell, run_dir: Path, key: str) -> None:
-    """Run one cell in a child process that dies with this one (see :mod:`tunelab.experiments.cell`)."""
-    work = run_dir / ".work" / cell.run_id
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(work / "cell.json", cell.model_dump_json())
-    env = {**os.environ, "TUNELAB_PARENT_PID": str(os.getpid())}
-    process = subprocess.Popen([sys.executable, "-m", "tunelab.experiments.cell", str(run_dir), cell.run_id, key],
-                               stderr=subprocess.PIPE, text=True, env=env)
+def _run_one(cell: Cell, run_dir: Path, key: str, isolate: bool, progress: bool, main: bool):
+    """Run one cell: None when it finished, else ``(failure record, log)`` (as ``jobs.run_cell_process``)."""
+    if isolate:
+        return parallel.run_cell_process(cell, run_dir, key)
     try:
-        _, stderr = process.communicate()
-    except BaseException:  # Ctrl-C (the child got SIGINT too) or any other exit: never leave it running
-        _stop(process)
-        raise
-    if process.returncode in (130, -signal.SIGINT):
-        raise KeyboardInterrupt
-    if process.returncode < 0:
-        raise CellKilled(f"run {cell.run_id}: the cell's process was killed (signal {-process.returncode}); rerun "
-                         "the same command to continue it from its last checkpoint")
-    if process.returncode != 0:
-        lines = [line for line in stderr.strip().splitlines() if line.strip()]
-        if process.returncode == 2 and lines and lines[-1].startswith("error: "):
-            raise TunelabError(f"run {cell.run_id}: {lines[-1].removeprefix('error: ')}")
-        sys.stderr.write(stderr)
-        raise RuntimeError(f"run {cell.run_id} failed with exit code {process.returncode}")
+        record = run_cell(cell, run_dir, progress=progress and main, key=key)
+    except Exception as error:
+        if distributed.world_size() > 1:
+            raise  # the other ranks wait for this one: the launch stops (torchrun ends every process)
+        return parallel.failure(cell, key, type(error).__name__, str(error)), traceback.format_exc()
+    if main:
+        atomic_write_json(_result_path(run_dir, cell), record)
+        shutil.rmtree(run_dir / ".work" / cell.run_id, ignore_errors=True)
+    return None
 
 
-class CellKilled(TunelabError):
-    """A cell's process was killed from outside (out of memory, SIGKILL): exit code 1, resumable."""
-
-    exit_code = 1
-
-
-def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def _finish(console, run_dir: Path, cell: Cell, outcome, prefix: str, failures: dict) -> None:
+    """Record and print how a cell ended: its score and flags, or its failure (``failed/<run>.json``)."""
+    if outcome is not None:
+        record = rundir.write_failure(run_dir, cell.run_id, *outcome)
+        failures[cell.run_id] = record
+        log = f" (log: {record['log']})" if record.get("log") else ""
+        _say(console, f"{prefix}failed: {record['error_type']}: {record['message']}{log}")
+        return
+    rundir.clear_failure(run_dir, cell.run_id)
+    result = json.loads(_result_path(run_dir, cell).read_text())
+    _say(console, f"{prefix}score {result['metrics'].get('score', float('nan')):.4f}, "
+                  f"{result['trainable_parameters']:,} trainable parameters, {result['train_seconds']:.0f} s")
+    for flag in result.get("flags", []):
+        _say(console, f"{prefix}warning: {flag}")
 
 
 def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None = None,
