@@ -23,6 +23,14 @@ buffer lives in the model's cross-stage store (:mod:`tunelab.adapt.store`), fill
 position, together with the buffer itself, is the objective's ``state_dict`` — so a resumed stage
 replays exactly the same examples. Replay runs only in training mode (the periodic eval loss is the
 current domain's).
+
+Under data parallelism (W processes, each with B/W current rows) B and m are the *global* counts: every
+rank draws the same m buffer indices and replays its strided share m_r, and its loss is
+
+    L_r = (B · L_current,r + W · m_r · L_buffer,r) / (B + m)
+
+so that the mean over ranks (what DDP's gradient averaging optimises) is the one-process L above — a rank
+whose share is empty (m < W) trains on its current rows only.
 """
 
 from __future__ import annotations
@@ -88,11 +96,14 @@ class ReplayObjective(SFTObjective):
         self.buffer: list = []
         self.replay: EpochSampler | None = None
         self.pending: dict | None = None  # a resumed replay position, applied when the sampler is built
+        self.rank, self.world_size = 0, 1  # this process among the data-parallel ones (set in setup)
 
     def setup(self, model: nn.Module, accelerator: Any) -> None:
         super().setup(model, accelerator)
         self.buffer = buffer_records(store(model).get("replay"))
         self.replay = None
+        self.rank = getattr(accelerator, "process_index", 0)
+        self.world_size = getattr(accelerator, "num_processes", 1)
 
     def _replay_sampler(self, batch_size: int) -> EpochSampler:
         if self.replay is None:
@@ -107,13 +118,17 @@ class ReplayObjective(SFTObjective):
         current = model(**batch).loss
         if not self.buffer or not model.training:
             return LossOutput(current, {"ce": float(current.detach())})
-        rows = int(batch["input_ids"].shape[0])
-        indices = self._replay_sampler(rows).next_indices()
-        replayed = self.collate_fn([self.buffer[i] for i in indices])
+        world = self.world_size
+        rows = int(batch["input_ids"].shape[0]) * world  # B: the global batch
+        indices = self._replay_sampler(rows).next_indices()  # the same m indices on every rank
+        mine = indices[self.rank :: world]
+        m = len(indices)
+        if not mine:  # m < W: this rank replays nothing this step
+            return LossOutput(rows * current / (rows + m), {"ce": float(current.detach())})
+        replayed = self.collate_fn([self.buffer[i] for i in mine])
         replayed = {k: v.to(current.device) for k, v in replayed.items()}
         old = model(**replayed).loss
-        m = len(indices)
-        total = (rows * current + m * old) / (rows + m)
+        total = (rows * current + world * len(mine) * old) / (rows + m)
         return LossOutput(total, {"ce": float(current.detach()), "ce_replay": float(old.detach())})
 
     def on_stage_end(self, model: nn.Module, records: Sequence[Any]) -> None:

@@ -21,15 +21,9 @@ from typing import Any
 
 from torch import nn
 
+from tunelab.utils import unwrap_model as unwrap  # noqa: F401  (kept importable from here)
+
 ATTRIBUTE = "_tunelab_adapt_state"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model under an Accelerate/DDP wrapper (which exposes it as ``.module``)."""
-    while isinstance(getattr(model, "module", None), nn.Module) and type(model).__name__ in (
-            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"):
-        model = model.module
-    return model
 
 
 def store(model: nn.Module) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from tunelab.align.losses import kto_kl_estimate, kto_loss
 from tunelab.align.reference import Reference, disable_dropout
 from tunelab.errors import ConfigError
 from tunelab.train.objective import BaseObjective, LossOutput
+from tunelab.utils import is_data_parallel, ranks_mean
 
 
 class KTOOptions(ReferenceOptions):
@@ -98,7 +99,11 @@ class KTOObjective(BaseObjective):
         policy = unpaired_logps(model, batch)  # (B', 2): column 0 with grad
         if model.training:
             self.reference.check("kto", policy.detach() - reference)
-        kl = kto_kl_estimate(policy[:, 1], reference[:, 1])
+        if is_data_parallel(model):  # z₀ over the global batch: the per-process means averaged, then clamped,
+            # as TRL gathers the KL over processes (each process still pairs its own rows as mismatched ones)
+            kl = ranks_mean((policy[:, 1] - reference[:, 1]).mean(), model).clamp_min(0)
+        else:
+            kl = kto_kl_estimate(policy[:, 1], reference[:, 1])
         desirable = batch["desirable"]
         losses, rewards = kto_loss(policy[:, 0], reference[:, 0], desirable, kl, beta=self.config.beta,
                                    desirable_weight=self.config.desirable_weight,

@@ -50,6 +50,7 @@ from tunelab.align.rollout import Rollout, exact_match_rewards, sample, token_lo
 from tunelab.errors import ConfigError
 from tunelab.models.heads import TaskHeads
 from tunelab.train.objective import BaseObjective, LossOutput
+from tunelab.utils import data_parallel_size, ranks_mean, unwrap_model
 
 
 class OnlineOptions(ReferenceOptions):
@@ -105,7 +106,9 @@ class _OnlineObjective(BaseObjective):
         return self.scorer.score(rollout.sequences, rollout.attention_mask).cpu()
 
     def rollout(self, model: nn.Module, batch: dict[str, Any], generations: int, temperature: float) -> Rollout:
-        return sample(model, self.tokenizer, batch["prompts"], num_generations=generations,
+        # sampling is rank-local (each process decodes its own prompts for as many steps as they need): the
+        # model itself, not the DDP wrapper, whose forwards are meant for the synchronised training step
+        return sample(unwrap_model(model), self.tokenizer, batch["prompts"], num_generations=generations,
                       max_new_tokens=self.config.max_new_tokens, temperature=temperature)
 
     def reference_logps(self, model: nn.Module, rollout: Rollout, policy: torch.Tensor) -> torch.Tensor:
@@ -259,8 +262,10 @@ class PPOObjective(_OnlineObjective):
             mean = masked_mean(advantages, mask)
             std = masked_mean((advantages - mean) ** 2, mask).sqrt()
             advantages = (advantages - mean) / (std + 1e-8) * mask
-        sequence_kl = float(kl.sum(-1).mean())
-        self.kl_controller.update(sequence_kl, len(scores))
+        # β_KL adapts to the KL of the whole (global) batch, as TRL's PPO gathers it over processes: every
+        # rank keeps the same coefficient (the objective's state, saved by rank 0)
+        sequence_kl = float(ranks_mean(kl.sum(-1).mean(), model))
+        self.kl_controller.update(sequence_kl, len(scores) * data_parallel_size(model))
         return {"rollout": rollout, "scores": scores, "old": old, "old_values": old_values,
                 "advantages": advantages, "returns": returns, "kl": sequence_kl}
 

@@ -23,6 +23,7 @@ from tunelab.distill import losses
 from tunelab.distill.teachers import parameters, weights_mb
 from tunelab.errors import ConfigError, MethodError
 from tunelab.models.hooks import FeatureTap
+from tunelab.utils import unwrap_model
 
 
 class RecordsCollator:
@@ -48,7 +49,9 @@ class Outputs:
 def run(module: nn.Module, batch: dict[str, Any], names: Sequence[str], hidden: bool, attention: bool) -> Outputs:
     """Forward ``input_ids`` / ``attention_mask`` with taps on ``names``."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    tap = FeatureTap(module, list(names)) if names else contextlib.nullcontext()
+    # under DDP ``module`` is the wrapper: the taps go on the model's own submodules (their names have no
+    # ``module.`` prefix there), the forward goes through the wrapper so that gradients are synchronised
+    tap = FeatureTap(unwrap_model(module), list(names)) if names else contextlib.nullcontext()
     with tap:
         out = module(**inputs, output_hidden_states=hidden, output_attentions=attention)
     features = dict(tap.features) if names else {}
@@ -155,6 +158,7 @@ def feature_terms(options: Any, plan: Plan, student: Outputs, teacher: Outputs, 
 def early_exit_terms(model: nn.Module, options: Any, plan: Plan, student: Outputs, temperature: float,
                      mask: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
     """Deep-to-shallow: KL(p_final ‖ p_exit(l)), the exit = the model's own final norm + LM head on layer l."""
+    model = unwrap_model(model)  # the norm and head are the model's own modules (the same under a DDP wrapper)
     norm = getattr(model.get_decoder(), "norm", None) if hasattr(model, "get_decoder") else None
     if norm is None:
         raise ConfigError(f"self_distill needs a final norm at model.get_decoder().norm ({type(model).__name__})")
@@ -214,6 +218,7 @@ def generate(module: nn.Module, tokenizer: Any, records: Sequence[dict], templat
     """Greedy continuations of the records' prompts (eval mode, restored after)."""
     from tunelab.eval.generate import greedy
 
+    module = unwrap_model(module)  # generation is rank-local: never through the DDP wrapper
     was_training = module.training
     module.eval()
     try:

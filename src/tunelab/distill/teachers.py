@@ -22,6 +22,8 @@ import copy
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,11 +104,22 @@ def finetuned(spec: TeacherSpec, records: Sequence[dict], template: str, max_len
 
         tuners.merge(model)
         model = tuners.unload(model) or model
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        # under DDP every rank fine-tunes the same teacher (deterministically) and keeps it in memory; rank 0
+        # writes the cache (transformers' save_pretrained writes no weights on the other ranks anyway)
+        return model, tokenizer
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".tmp")
+    # one staging directory per process: concurrent runs (``tunelab run --jobs``) may fine-tune the same
+    # teacher; the first rename wins, the others find the cache there and drop their copy
+    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    staging.rename(path)
+    try:
+        staging.rename(path)
+    except OSError:
+        if not (path / "config.json").is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
     return model, tokenizer
 
 

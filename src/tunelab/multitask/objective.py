@@ -97,6 +97,9 @@ class MultitaskObjective(BaseObjective):
     config_class = MultitaskOptions
     model_task = "causal_lm"
     label_key = None
+    # per-task adapters switched per batch (or rows of one task missing from a rank's share) and, on an
+    # encoder, the model's own token classifier leave trainable model parameters without gradient
+    find_unused_parameters = True
 
     def __init__(self, config: MultitaskOptions | None = None, **options: Any) -> None:
         super().__init__(config, **options)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedDataParallelKwargs
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
@@ -52,14 +53,30 @@ def resolve_mixed_precision(requested: str) -> str:
     return requested  # bf16 autocast runs on CPUs
 
 
-def make_accelerator(mixed_precision: str, grad_accum: int) -> Accelerator:
-    """An Accelerator for this run (one process-wide state, reset when the precision changes)."""
+def make_accelerator(mixed_precision: str, grad_accum: int, find_unused_parameters: bool = False) -> Accelerator:
+    """An Accelerator for this run (one process-wide state, reset when the precision changes).
+
+    Under DDP (``accelerate launch``, ``torchrun``):
+
+    - ``find_unused_parameters`` comes from the objective (``Objective.find_unused_parameters``): True when
+      some trainable *model* parameters may get no gradient in a step (per-task adapters switched per
+      batch, a head the objective never calls). Without it DDP waits for those gradients and fails at the
+      next step; with it DDP walks the autograd graph after every forward to find them (a small cost).
+    - ``broadcast_buffers=False``: DDP's default re-broadcasts rank 0's buffers before *every* forward of
+      the wrapper — a collective, so ranks that run a different number of forwards (one replays a buffer
+      example and the other does not; sampling stops when a rank's completions are done) would wait for
+      each other forever. The buffers of the models tunelab tunes are constants (rotary frequencies,
+      position ids), identical on every rank after DDP's initial broadcast; models with running
+      statistics (BatchNorm) keep each rank's own.
+    """
     # One process may train several models (an experiment grid) with different precisions, so a
     # single-process state is reset when the precision changes.
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters, broadcast_buffers=False)
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                       kwargs_handlers=[ddp])
 
 
 def build_param_groups(

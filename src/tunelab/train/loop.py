@@ -409,7 +409,9 @@ def train(
         raise ConfigError("loss_fn goes with a collate function; an objective computes its own loss")
     collate_fn = getattr(objective, "collate_fn", None) or objective.collator(tokenizer, labels)
     output_dir = Path(output_dir) if output_dir is not None else None
-    accelerator = engine.make_accelerator(resolve_mixed_precision(config.mixed_precision), config.grad_accum)
+    unused = bool(getattr(objective, "find_unused_parameters", False))  # DDP looks for gradient-less parameters
+    accelerator = engine.make_accelerator(resolve_mixed_precision(config.mixed_precision), config.grad_accum,
+                                          find_unused_parameters=unused)
     objective.setup(model, accelerator)
     optimizer, scheduler = engine.build_optimizer(model, config, param_groups, objective.modules())
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)

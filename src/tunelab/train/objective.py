@@ -24,6 +24,20 @@ A new objective is one file plus one registry line (``tunelab.experiments.regist
 The loop calls, per step: ``batch = collate(records)``; ``out = objective.loss(model, batch)``;
 ``backward(out.loss)``; every float in ``out.metrics`` is averaged over the log window and written to
 ``metrics.jsonl`` beside the loss and shown on the progress bar.
+
+Under data parallelism (``accelerate launch``, ``tunelab run --processes N``; ``tests/test_ddp_objectives.py``
+runs every registered objective so) each rank trains on its share of the global batch and DDP averages the
+gradients, so ``loss`` should be the per-rank term whose mean over ranks is the one-process loss:
+
+- ``loss`` gets the DDP wrapper in training steps (every rank runs them together) and the bare model in
+  rank 0's evaluation. Tuner state and the cross-stage store are found through the wrapper; code with a
+  rank-local number of forwards (sampling, generation) runs ``tunelab.utils.unwrap_model(model)``.
+- A batch statistic that must be global (KTO's reference point, PPO's KL for its adaptive coefficient)
+  goes through ``tunelab.utils.ranks_mean(value, model)`` (a no-op on one process and in evaluation).
+- ``setup`` gets the accelerator: ``process_index`` and ``num_processes`` for objectives that split draws
+  of their own (replay's buffer examples); teachers and references are placed on ``accelerator.device``
+  there, once.
+- ``find_unused_parameters = True`` when trainable *model* parameters may get no gradient in a step.
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ class Objective(Protocol):
     """The protocol every objective follows (see the module docstring)."""
 
     model_task: str
+    find_unused_parameters: bool
 
     def collator(self, tokenizer: Any, labels: Sequence[str] | None, **data_options: Any) -> Callable: ...
 
@@ -93,6 +108,11 @@ class BaseObjective:
     config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
     model_task: ClassVar[str] = "causal_lm"
     label_key: ClassVar[str | None] = None
+    #: True when some trainable *model* parameters may get no gradient in a step (per-task adapters
+    #: switched per batch, a model head the objective never calls): under DDP the engine then asks DDP to
+    #: find them (``find_unused_parameters``). The objective's own ``modules()`` need no flag: the loop
+    #: averages their gradients itself, ``None`` where no rank has one.
+    find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, config: ObjectiveConfig | None = None, **options: Any) -> None:
         self.config = config if config is not None else self.config_class(**options)

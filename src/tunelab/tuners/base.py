@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from tunelab.errors import MethodError
+from tunelab.utils import unwrap_model
 
 STATE_ATTRIBUTE = "_tunelab_tuners"  # where the per-model TunerState lives (a plain attribute)
 ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_\-]+")  # ModuleDict keys cannot hold "."; "/" splits files
@@ -70,11 +71,16 @@ class TunerState:
 
 
 def get_state(model: nn.Module) -> TunerState | None:
-    """The model's :class:`TunerState`, or ``None`` for a bare model."""
-    return getattr(model, STATE_ATTRIBUTE, None)
+    """The model's :class:`TunerState`, or ``None`` for a bare model.
+
+    A DDP wrapper (what an objective's ``loss`` gets under ``accelerate launch``) is looked through: without
+    that, ``tuners.disabled(wrapper)`` would find no adapters and silently leave them on.
+    """
+    return getattr(unwrap_model(model), STATE_ATTRIBUTE, None)
 
 
 def ensure_state(model: nn.Module) -> TunerState:
+    model = unwrap_model(model)
     state = get_state(model)
     if state is None:
         state = TunerState()
@@ -83,6 +89,7 @@ def ensure_state(model: nn.Module) -> TunerState:
 
 
 def clear_state(model: nn.Module) -> None:
+    model = unwrap_model(model)
     if get_state(model) is not None:
         object.__delattr__(model, STATE_ATTRIBUTE)
 
