@@ -7,7 +7,8 @@ Runs ``tests/_ddp_worker.py`` (LoRA on a tiny random Llama with a learned loss w
 ``--repeats`` times. Records the per-step loss of each (first repeat), the largest absolute
 difference of the loss curves and of the trained adapters, and the training throughput (records per
 second of optimizer-step time, median over repeats) and wall time per launch (including start-up).
-Writes ``benchmarks/results/ddp_cpu.json`` and ``.md``.
+Writes ``benchmarks/results/ddp_cpu.json`` and ``.md`` (keeping the per-objective section that
+``benchmarks/ddp_objectives.py`` appends).
 
 On a 2-core machine two processes with one thread each cannot beat one process by much, and the
 absolute times are noise from other work on the machine: the ratio is what to read, and what DDP
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_ddp_worker.py"
 RESULTS = ROOT / "benchmarks" / "results"
 GLOBAL_BATCH = 4
+OBJECTIVES_MARKER = "<!-- benchmarks/ddp_objectives.py -->"  # that script's section of ddp_cpu.md, kept here
 
 
 def launch(output_dir: Path, processes: int, steps: int, *extra: str) -> float:
@@ -91,6 +93,8 @@ def main() -> None:
     (RESULTS / "ddp_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(f"| {s + 1} | {a:.6f} | {b:.6f} |" for s, (a, b) in
                      enumerate(zip(one["losses"], two["losses"], strict=True)))
+    previous = (RESULTS / "ddp_cpu.md").read_text() if (RESULTS / "ddp_cpu.md").is_file() else ""
+    kept = previous[previous.index(OBJECTIVES_MARKER):] if OBJECTIVES_MARKER in previous else ""
     (RESULTS / "ddp_cpu.md").write_text(
         "# One process vs two DDP processes on CPU (same global batch of 4)\n\n"
         f"{result['setup']['model']}; {args.steps} steps, {args.repeats} alternating repeats, gloo, 1 thread per process.\n\n"
@@ -102,7 +106,8 @@ def main() -> None:
         f"(rank 0, rank 1) {synced[0]:.6f}, {synced[1]:.6f}; negative control without averaging the "
         f"objective modules' gradients (the loop before issue 17): {unsynced[0]:.6f}, {unsynced[1]:.6f}\n\n"
         "On a shared 2-core machine the speed ratio is noise-dominated; DDP's gain is one process per GPU.\n\n"
-        "| step | loss, 1 process | loss, 2 processes |\n|---:|---:|---:|\n" + rows + "\n")
+        "| step | loss, 1 process | loss, 2 processes |\n|---:|---:|---:|\n" + rows + "\n"
+        + ("\n" + kept if kept else ""))
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("loss_")}, indent=2))
 
 
