@@ -210,3 +210,46 @@ def test_real_domain_files_load_as_records(shared_dir, tmp_path):
     medquad, _, _, none = build_splits(DataSpec(source=str(written["medquad"]), train_size=5, eval_size=0,
                                                 test_size=5))
     assert none is None and medquad[0]["kind"] == "generation"
+
+
+def test_file_records_take_their_domain_from_a_column_or_their_stage(small_model_dir, tmp_path):
+    """Real files as domains: a ``domain`` column wins, else the stage's data.domain, else general; per-domain
+    adapters and the router then see the right domains (a manifest declares one domain per file)."""
+    from tunelab.experiments.runner import _stage_splits, run_experiment
+    from tunelab.experiments.spec import resolve_stages, validate
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(path)
+
+    medical = write("med.jsonl", [{"prompt": f"Which dose of aspirin for patient {i}?", "response": f"{i} mg."}
+                                  for i in range(16)])
+    legal = write("law.jsonl", [{"prompt": f"Which clause of contract {i} applies?", "response": f"Clause {i}.",
+                                 "domain": "legal"} for i in range(16)])
+    manifest = tmp_path / "both.yaml"
+    manifest.write_text(f"tasks:\n  - {{task: med, source: {medical}, domain: medical}}\n"
+                        f"  - {{task: law, source: {legal}}}\n")
+    raw = {
+        "name": "files", "output_dir": str(tmp_path / "runs"), "model": {"name": str(small_model_dir)},
+        "method": {"name": "lora", "options": {"r": 2, "target_modules": "all-linear"}},
+        "objective": {"name": "per_domain"},
+        "data": {"source": medical, "train_size": 8, "eval_size": 0, "test_size": 4, "max_length": 48},
+        "train": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "save_every": None, "log_every": 1},
+        "eval": {"max_new_tokens": 2, "latency_batches": 0},
+        "stages": [
+            {"name": "med", "data": {"domain": "medical"}, "method": {"name": "lora", "options": {"r": 2}}},
+            {"name": "law", "data": {"source": legal}, "method": {"name": "lora", "options": {"r": 2}}},
+            {"name": "plain", "data": {"source": write("plain.jsonl", [{"prompt": "a", "response": "b"}] * 12)},
+             "method": {"name": "lora", "options": {"r": 2}}},
+            {"name": "route", "data": {"source": str(manifest), "train_size": 24, "test_size": 8},
+             "objective": {"name": "router", "options": {"domains": ["medical", "legal", "general"]}},
+             "train": {"max_steps": 30, "batch_size": 8, "learning_rate": 5e-2}},
+        ],
+    }
+    spec = validate(raw)
+    domains = [{r["domain"] for split in _stage_splits(stage)[1][:3] for r in split} for stage in resolve_stages(spec)]
+    assert domains == [{"medical"}, {"legal"}, {"general"}, {"medical", "legal"}]
+    [result] = run_experiment(spec, progress=False, isolate=False)
+    route = result["stages"][-1]["metrics"]
+    assert route["routing_accuracy"] >= 0.75, route

@@ -305,3 +305,63 @@ def test_saved_reward_model_scores_like_the_trained_one(tmp_path, small_model_di
     grpo = objective("grpo", tokenizer, reward="model", reward_model=str(tmp_path / "rm"), max_new_tokens=4)
     setup(grpo, model)
     assert grpo.scorer is not None
+
+
+def test_kto_on_a_user_jsonl_file_end_to_end(tmp_path, small_model_dir):
+    """A KTO file (prompt / completion / label) keeps its labels through the loader and trains with kto."""
+    from tunelab.experiments.runner import run_experiment
+    from tunelab.experiments.spec import load_spec
+
+    rows = [{"prompt": f"Where does patient {i} live?", "completion": f"In town {i}.", "label": [True, 0, "false",
+             "desirable"][i % 4]} for i in range(12)]
+    data = tmp_path / "feedback.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = tmp_path / "kto.yaml"
+    config.write_text(
+        f"name: kto\noutput_dir: {tmp_path / 'runs'}\nmodel: {{name: '{small_model_dir}'}}\n"
+        "method: {name: lora, options: {r: 4, target_modules: [q_proj, v_proj]}}\n"
+        "objective: {name: kto, options: {reference: base}}\n"
+        f"data: {{source: '{data}', train_size: 8, eval_size: 0, test_size: 4, max_length: 64}}\n"
+        "train: {max_steps: 2, batch_size: 4, eval_every: null, save_every: null, log_every: 1}\n"
+        "eval: {max_new_tokens: 4, latency_batches: 0}\n")
+    [record] = run_experiment(load_spec(config), progress=False, isolate=False)
+    assert {"reward_desirable", "reward_undesirable", "reward_margin"} <= set(record["metrics"])
+    steps = [e for e in record["history"] if "kl" in e]
+    assert len(steps) == 2 and any("rewards/chosen" in e for e in steps) and any("rewards/rejected" in e for e in steps)
+
+
+def test_disable_dropout_lasts_for_its_own_stage_only(tmp_path, small_model_dir, monkeypatch):
+    """SFT (LoRA dropout 0.1) -> DPO (disable_dropout) -> SFT: the last stage trains with dropout 0.1 again."""
+    from torch import nn
+
+    from tunelab.align.dpo import DPOObjective
+    from tunelab.experiments.runner import run_experiment
+    from tunelab.experiments.spec import load_spec
+    from tunelab.objectives.sft import SFTObjective
+
+    seen = []
+
+    def probe(cls):
+        original = cls.setup
+
+        def setup(self, model, accelerator):
+            original(self, model, accelerator)
+            seen.append((cls.__name__, sorted({m.p for m in model.modules() if isinstance(m, nn.Dropout)})))
+
+        monkeypatch.setattr(cls, "setup", setup)
+
+    probe(SFTObjective)
+    probe(DPOObjective)
+    config = tmp_path / "align.yaml"
+    config.write_text(
+        f"name: align\noutput_dir: {tmp_path / 'runs'}\nmodel: {{name: '{small_model_dir}'}}\n"
+        "method: {name: lora, options: {r: 4, lora_dropout: 0.1, target_modules: [q_proj, v_proj]}}\n"
+        "data: {tasks: [preference], domain: medical, train_size: 8, eval_size: 0, test_size: 2, max_length: 64}\n"
+        "train: {max_steps: 1, batch_size: 4, eval_every: null, save_every: null, log_every: 1}\n"
+        "eval: {max_new_tokens: 2, latency_batches: 0}\n"
+        "stages:\n"
+        "  - {name: sft, objective: sft, data: {tasks: [qa]}}\n"
+        "  - {name: dpo, objective: {name: dpo, options: {reference: sft_adapter, eval_generation: false}}}\n"
+        "  - {name: sft2, objective: sft, data: {tasks: [qa]}}\n")
+    run_experiment(load_spec(config), progress=False, isolate=False)
+    assert seen == [("SFTObjective", [0.1]), ("DPOObjective", [0.0]), ("SFTObjective", [0.1])]

@@ -343,3 +343,27 @@ def test_render_chat_multi_turn_and_prompt_agree():
     assert [t for t, trainable in segments if trainable] == ["Hello", "Bye!"]
     assert "".join(t for t, _ in segments) == text
     assert templates.render_chat(messages[:2], "auto", tokenizer=None) == "Hi\nHello"  # no chat template: plain
+
+
+def test_kto_file_keeps_its_label_as_a_bool_and_a_bad_label_is_one_line(tmp_path):
+    rows = [{"prompt": "q1", "completion": "yes it is", "label": True},
+            {"prompt": "q2", "completion": "no", "label": 0},
+            {"prompt": "q3", "completion": "maybe", "label": " Desirable"},
+            {"prompt": "q4", "completion": "", "label": "FALSE"},
+            {"prompt": "q5", "completion": "x", "label": "undesirable"},
+            {"prompt": "q6", "completion": "y", "label": 1}]
+    records = formats.load_records(write_jsonl(tmp_path / "kto.jsonl", rows))
+    assert [r["kind"] for r in records] == ["unpaired"] * 6
+    assert [r["label"] for r in records] == [True, False, True, False, False, True]
+    assert records[0]["completion"] == "yes it is" and records[3]["completion"] == ""
+    (tmp_path / "kto.csv").write_text("question,completion,label\nq1,good,1\nq2,bad,0\nq3,ok,true\n")
+    assert [r["label"] for r in formats.load_records(tmp_path / "kto.csv")] == [True, False, True]
+    mapped = formats.load_records(write_jsonl(tmp_path / "thumbs.jsonl", [{"q": "a", "c": "b", "up": "false"}]),
+                                  columns={"prompt": "q", "completion": "c", "label": "up"})
+    assert mapped[0]["kind"] == "unpaired" and mapped[0]["label"] is False
+    message = data_error(write_jsonl(tmp_path / "bad.jsonl", rows[:1] + [{"prompt": "q", "completion": "c",
+                                                                            "label": "maybe"}]))
+    assert "bad.jsonl line 2" in message and "'maybe'" in message and "desirable" in message and "1/0" in message
+    # a prompt/response file with a class-like label stays a generation file (PubMedQA as JSONL)
+    plain = formats.load_records(write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "q", "response": "yes", "label": "yes"}]))
+    assert plain[0]["kind"] == "generation"

@@ -6,8 +6,9 @@ Records (see ``docs/internals.md``):
   built-in world's ``preference`` task (chosen = the correct answer, rejected = a plausible wrong
   one, so the ground truth is known), HH-RLHF and ShareGPT-DPO files through
   :func:`tunelab.data.formats.load_records`, or any JSONL/CSV with a column mapping;
-- **unpaired** (KTO) ``{"prompt", "completion", "label": bool}``; a preference record counts as two
-  unpaired ones (chosen desirable, rejected undesirable);
+- **unpaired** (KTO) ``{"prompt", "completion", "label": bool}`` (a JSONL/CSV file with those columns
+  loads as such; the label may also be 1/0 or "true"/"false"/"desirable"/"undesirable"); a preference
+  record counts as two unpaired ones (chosen desirable, rejected undesirable);
 - **prompt** (PPO / GRPO) any record with a prompt; the reference answer for the programmatic
   reward is ``answer``, else ``chosen``, else ``response``.
 
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from tunelab.data.collate import SegmentEncoder, _batch, pad_right, pad_token_id
+from tunelab.data.formats.mapped import desirable_label
 from tunelab.data.templates import record_segments, render_prompt
 from tunelab.errors import DataError
 from tunelab.eval.generate import encode_prompt
@@ -53,17 +55,15 @@ def unpaired(records: list[dict]) -> list[dict]:
             out.append({**record, "completion": record["rejected"], "label": False, "side": "rejected"})
         elif "label" in record and isinstance(record.get("completion", record.get("response")), str):
             completion = record.get("completion", record.get("response"))
-            out.append({**record, "completion": completion, "label": _as_bool(record["label"]), "side": ""})
+            try:
+                label = desirable_label(record["label"])
+            except ValueError as error:
+                raise DataError(f"record {record.get('id', '?')!r}: {error}") from None
+            out.append({**record, "completion": completion, "label": label, "side": ""})
         else:
             raise DataError(f"record {record.get('id', '?')!r} is neither a preference pair (prompt/chosen/rejected) "
                             "nor an unpaired example (prompt/completion/label)")
     return out
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "desirable", "good")
-    return bool(value)
 
 
 class _Encoder:

@@ -43,7 +43,7 @@ from tunelab.align.logps import (
     pair_logps,
 )
 from tunelab.align.losses import dpo_loss, orpo_loss, simpo_loss
-from tunelab.align.reference import Reference, ReferenceMode, disable_dropout
+from tunelab.align.reference import Reference, ReferenceMode, StageDropout
 from tunelab.train.objective import BaseObjective, LossOutput, ObjectiveConfig
 
 REFERENCE_FREE = ("orpo", "simpo")
@@ -95,6 +95,7 @@ class DPOObjective(BaseObjective):
     def __init__(self, config: DPOOptions | None = None, **options: Any) -> None:
         super().__init__(config, **options)
         self.reference = Reference(self.config.reference, self.config.reference_tolerance, self.config.check_reference)
+        self.dropout = StageDropout()
         self.template = "plain"
         self.model: nn.Module | None = None
 
@@ -106,10 +107,13 @@ class DPOObjective(BaseObjective):
     def setup(self, model: nn.Module, accelerator: Any) -> None:
         super().setup(model, accelerator)
         if self.config.disable_dropout:
-            disable_dropout(model)
+            self.dropout.off(model)  # for this stage only: on_stage_end restores it
         self.model = model
         if self.reference.mode != "none":
             self.reference.setup(model)
+
+    def on_stage_end(self, model: nn.Module, records: Sequence[Any]) -> None:
+        self.dropout.restore()  # disable_dropout is this stage's: later stages and the evaluation get it back
 
     def sampler(self, records: Sequence[Any], config: Any, rank: int = 0, world_size: int = 1) -> Any:
         """``precomputed``: fill the reference cache for every training record before the first step."""

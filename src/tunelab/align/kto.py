@@ -33,7 +33,7 @@ from tunelab.align.data import PairCollator, UnpairedCollator
 from tunelab.align.dpo import ReferenceOptions
 from tunelab.align.logps import completion_logps, evaluate_preferences
 from tunelab.align.losses import kto_kl_estimate, kto_loss
-from tunelab.align.reference import Reference, disable_dropout
+from tunelab.align.reference import Reference, StageDropout
 from tunelab.errors import ConfigError
 from tunelab.train.objective import BaseObjective, LossOutput
 from tunelab.utils import is_data_parallel, ranks_mean
@@ -71,6 +71,7 @@ class KTOObjective(BaseObjective):
         if self.config.reference == "none":
             raise ConfigError("objective kto needs a reference (base, sft_adapter or precomputed), not none")
         self.reference = Reference(self.config.reference, self.config.reference_tolerance, self.config.check_reference)
+        self.dropout = StageDropout()
         self.template = "plain"
         self.model: nn.Module | None = None
         self.pair_collate: Callable | None = None
@@ -84,9 +85,12 @@ class KTOObjective(BaseObjective):
     def setup(self, model: nn.Module, accelerator: Any) -> None:
         super().setup(model, accelerator)
         if self.config.disable_dropout:
-            disable_dropout(model)
+            self.dropout.off(model)  # for this stage only: on_stage_end restores it
         self.model = model
         self.reference.setup(model)
+
+    def on_stage_end(self, model: nn.Module, records: Sequence[Any]) -> None:
+        self.dropout.restore()  # disable_dropout is this stage's: later stages and the evaluation get it back
 
     def sampler(self, records: Sequence[Any], config: Any, rank: int = 0, world_size: int = 1) -> Any:
         if self.reference.mode == "precomputed" and self.model is not None and self.collate_fn is not None:

@@ -36,7 +36,7 @@ from torch import nn
 
 from tunelab.align.data import PromptCollator, reference_answer
 from tunelab.align.dpo import ReferenceOptions
-from tunelab.align.reference import Reference, disable_dropout
+from tunelab.align.reference import Reference, StageDropout
 from tunelab.align.rl import (
     AdaptiveKLController,
     gae,
@@ -79,6 +79,7 @@ class _OnlineObjective(BaseObjective):
         if self.config.reward == "model" and not self.config.reward_model:
             raise ConfigError(f"{self.name}: reward: model needs reward_model: <directory of a trained reward model>")
         self.reference = Reference(self.config.reference, self.config.reference_tolerance, self.config.check_reference)
+        self.dropout = StageDropout()
         self.scorer: Any = None
         self.buffer: dict[str, Any] | None = None
         self.uses = 0
@@ -91,13 +92,16 @@ class _OnlineObjective(BaseObjective):
     def setup(self, model: nn.Module, accelerator: Any) -> None:
         super().setup(model, accelerator)
         if self.config.disable_dropout:
-            disable_dropout(model)
+            self.dropout.off(model)  # for this stage only: on_stage_end restores it
         if self.reference.mode != "none":
             self.reference.setup(model)
         if self.config.reward == "model" and self.scorer is None:
             from tunelab.align.reward import RewardModel
 
             self.scorer = RewardModel.load(self.config.reward_model, base=self.config.reward_model_base)
+
+    def on_stage_end(self, model: nn.Module, records: Sequence[Any]) -> None:
+        self.dropout.restore()  # disable_dropout is this stage's: later stages and the evaluation get it back
 
     # --- rollouts
     def score(self, rollout: Rollout, answers: Sequence[str | None]) -> torch.Tensor:

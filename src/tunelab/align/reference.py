@@ -39,12 +39,37 @@ ReferenceMode = Literal["base", "sft_adapter", "precomputed", "none"]
 REFERENCE_MODES = ("base", "sft_adapter", "precomputed", "none")
 
 
-def disable_dropout(model: nn.Module) -> None:
+def disable_dropout(model: nn.Module) -> dict[nn.Module, float]:
     """Set every dropout probability to 0 (TRL's ``disable_dropout=True`` default for preference losses):
-    with dropout the policy never equals the reference, and the step-0 check would be noise."""
+    with dropout the policy never equals the reference, and the step-0 check would be noise.
+
+    Returns ``{module: its former p}`` for the modules it changed (see :class:`StageDropout`)."""
+    changed = {}
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.Dropout) and module.p != 0.0:
+            changed[module] = module.p
             module.p = 0.0
+    return changed
+
+
+class StageDropout:
+    """``disable_dropout`` for one stage only: ``off(model)`` in ``setup``, ``restore()`` in ``on_stage_end``.
+
+    The model carries over to later stages (an SFT stage after DPO, the evaluation): they get the
+    dropout probabilities back that the model had before this stage switched them off.
+    """
+
+    def __init__(self) -> None:
+        self.saved: dict[nn.Module, float] = {}
+
+    def off(self, model: nn.Module) -> None:
+        for module, p in disable_dropout(model).items():
+            self.saved.setdefault(module, p)  # a second setup finds p = 0 already: keep the first value
+
+    def restore(self) -> None:
+        for module, p in self.saved.items():
+            module.p = p
+        self.saved.clear()
 
 
 @contextmanager

@@ -10,6 +10,9 @@ The split rule (documented in docs/experiments.md § Splits):
 - with ``test_source``: every row of that file is scored, unless ``test_size`` asks for a sample (a
   seeded random sample, not the first rows); ``source`` gives validation then training rows.
 
+A file's records take their ``domain`` from the file's ``domain`` column, else from ``data.domain``
+(``general`` unless the data section that names the file gives one).
+
 When a request cannot be met (fewer rows than asked for) the split is smaller and a one-line note says
 so; the sizes actually used are recorded in every result file.
 """
@@ -86,13 +89,15 @@ def _file_splits(data: DataSpec, notes: list[str]) -> tuple[list[dict], list[dic
     if not source.startswith("hf:") and not Path(source).exists():
         raise DataError(f"data file not found: {source} (data.source takes 'synthetic', a file path or hf:NAME)")
     fmt = "hf" if source.startswith("hf:") else data.format
-    records = formats.load_records(source.removeprefix("hf:"), format=fmt, columns=data.columns)
+    domain = _file_domain(data)
+    records = formats.load_records(source.removeprefix("hf:"), format=fmt, columns=data.columns, domain=domain)
     total = len(records)
     random.Random(data.seed).shuffle(records)
     if data.test_source:
         if not Path(data.test_source).exists():
             raise DataError(f"test file not found: {data.test_source} (data.test_source)")
-        test = formats.load_records(data.test_source, format=data.format, columns=data.test_columns or data.columns)
+        test = formats.load_records(data.test_source, format=data.format, columns=data.test_columns or data.columns,
+                                    domain=domain)
         if data.test_size is not None:
             if data.test_size < len(test):
                 test = random.Random(f"{data.seed}-test").sample(test, data.test_size)
@@ -113,6 +118,14 @@ def _file_splits(data: DataSpec, notes: list[str]) -> tuple[list[dict], list[dic
                      f"went to the test/validation splits first; training on {len(train)} "
                      "(lower data.test_size or data.eval_size, or use data.test_source)")
     return train, validation, test
+
+
+def _file_domain(data: DataSpec) -> str:
+    """The domain of a file's rows that have no ``domain`` column: ``data.domain``, one name."""
+    if not isinstance(data.domain, str) or data.domain == "all":
+        raise ConfigError(f"data.domain: a data file's rows take one domain name, not {data.domain!r}; give one "
+                          "name, or a `domain` column in the file (or one per file in a task manifest)")
+    return data.domain
 
 
 def _check_test_kinds(train: list[dict], test: list[dict], data: DataSpec) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.experiments.search import SearchSpec
@@ -93,10 +93,14 @@ class MethodSpec(_Strict):
         return self.label or self.name
 
 
+FILE_DOMAIN = "general"  # the domain of a data file's rows when neither a `domain` column nor data.domain names one
+
+
 class DataSpec(_Strict):
     source: str = Field("synthetic", description="'synthetic' for the built-in world, a file path, or hf:NAME.")
     tasks: list[str] = Field(default_factory=lambda: ["summarization"], description="Built-in task names.")
-    domain: str | list[str] = Field("medical", description="Built-in domain(s), or 'all'.")
+    domain: str | list[str] = Field("medical", description="Built-in domain(s), or 'all'. For a file: the domain of "
+                                    "rows without a `domain` column (default: general).")
     train_size: int = Field(800, gt=0, description="Training examples (per task, per domain for synthetic data).")
     eval_size: int = Field(64, ge=0, description="Validation examples for the periodic eval loss.")
     test_size: int | None = Field(None, gt=0, description="Held-out test examples (held-out entities for synthetic "
@@ -111,6 +115,14 @@ class DataSpec(_Strict):
                                                       "columns are named differently (default: columns).")
     template: str = Field("plain", description="Prompt template: plain, alpaca, chatml, auto.")
     max_length: int = Field(256, gt=8, description="Token budget per example.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_domain(cls, values: Any) -> Any:
+        """A file names no built-in domain: its rows are ``general`` unless ``domain`` is given beside it."""
+        if isinstance(values, dict) and "domain" not in values and values.get("source", "synthetic") != "synthetic":
+            return {**values, "domain": FILE_DOMAIN}
+        return values
 
     @field_validator("template")
     @classmethod
@@ -330,7 +342,10 @@ def resolve_stages(spec: ExperimentSpec) -> list[Stage]:
         return [Stage("main", spec.data, spec.objective, spec.train, None)]
     stages = []
     for index, stage in enumerate(spec.stages):
-        data = DataSpec.model_validate({**spec.data.model_dump(), **stage.data})
+        base = spec.data.model_dump()
+        if stage.data.get("source", base["source"]) != base["source"] and "domain" not in stage.data:
+            del base["domain"]  # a stage's own data source has its own domain (default: general for a file)
+        data = DataSpec.model_validate({**base, **stage.data})
         train = TrainConfig.model_validate({**spec.train.model_dump(), **stage.train})
         stages.append(Stage(stage.name or f"stage{index}", data, stage.objective or spec.objective, train, stage.method))
     return stages

@@ -2,7 +2,8 @@
 
 :func:`load_records` reads the first raw row, chooses the converter (explicit ``format=``, implied by
 ``columns=``, or guessed by :func:`guess_format` from the row's keys) and streams the rest through it,
-stopping at ``limit``; every record gets an ``id``, ``task`` and ``domain`` when the converter set none.
+stopping at ``limit``; every record gets an ``id``, ``task`` and ``domain`` when the converter set none
+(the ``domain`` column of the file, else the ``domain=`` argument, else ``"general"``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def load_records(
     columns: dict[str, str | int] | None = None,
     split: str | None = None,
     limit: int | None = None,
+    domain: str | None = None,
 ) -> list[dict]:
     """Load a data file (or a Hugging Face dataset) as canonical records.
 
@@ -43,10 +45,11 @@ def load_records(
             or ``{"text": 0, "label": 1}`` (indices: the CSV/TSV has no header line).
         split: the Hugging Face split (default ``"train"``); local files have no splits.
         limit: return at most this many records (reading stops early where the format allows).
+        domain: the domain of records whose row names none (a ``domain`` column); default ``"general"``.
 
     Returns:
-        Records with ``id``, ``kind``, ``task`` (the file stem or dataset name) and ``domain``
-        (``"general"``) plus the keys of their kind.
+        Records with ``id``, ``kind``, ``task`` (the file stem or dataset name) and ``domain`` (the row's
+        ``domain`` column, else ``domain``) plus the keys of their kind.
     """
     if format is not None and format not in FORMATS:
         raise DataError(f"unknown data format {format!r}; valid formats: {', '.join(FORMATS)}")
@@ -57,7 +60,7 @@ def load_records(
     if format is None and not columns and is_pubmedqa(source):
         format = "pubmedqa"  # a JSON object keyed by PMID (tunelab.data.formats.pubmedqa)
     if format in NLP_FORMATS:
-        return load_nlp(source, format, limit, load_records)
+        return load_nlp(source, format, limit, load_records, domain)
     if format == "pubmedqa":
         if columns:
             raise DataError("columns= applies to jsonl/csv/tsv/hf data, not to format 'pubmedqa'; drop it")
@@ -80,7 +83,7 @@ def load_records(
     for index, record in enumerate(islice(converted, limit)):
         record.setdefault("id", f"{task}-{index}")
         record.setdefault("task", task)
-        record.setdefault("domain", "general")
+        record.setdefault("domain", domain or "general")
         records.append(record)
     if not records:
         raise DataError(f"no usable records in {origin} (format {chosen}); check the file or pass format=")

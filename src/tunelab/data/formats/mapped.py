@@ -2,8 +2,9 @@
 
 ``columns=`` (or, without it, the first matching name of :data:`COLUMN_ALIASES`) maps canonical keys
 to source columns; the mapped keys decide the record kind (:data:`KIND_KEYS`, first match wins):
-preference, classification, NER (``tokens`` + ``ner_tags``, rendered like the built-in NER task),
-generation or chat.
+preference, unpaired (KTO's ``prompt`` / ``completion`` / ``label`` = desirable or not), classification,
+NER (``tokens`` + ``ner_tags``, rendered like the built-in NER task), generation or chat. A ``domain``
+column, when the file has one, becomes each record's ``domain``.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ COLUMN_ALIASES = {
     "tokens": ("tokens",),
     "ner_tags": ("ner_tags",),
     "messages": ("messages",),
+    "completion": ("completion",),
+    "domain": ("domain",),
 }
 # record kind -> canonical keys it needs, tried in this order
 KIND_KEYS = {
     "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),  # KTO feedback: label = is the completion desirable
     "classification": ("text", "label"),
     "ner": ("tokens", "ner_tags"),
     "generation": ("prompt", "response"),
@@ -55,7 +59,10 @@ def _column_mapping(first: Row, columns: dict | None) -> dict[str, str]:
             raise DataError(
                 f"unknown canonical key(s) {unknown} in columns=; valid keys: {', '.join(COLUMN_ALIASES)}"
             )
-        return {key: str(value) for key, value in columns.items()}
+        mapping = {key: str(value) for key, value in columns.items()}
+        if "domain" not in mapping and "domain" in row:
+            mapping["domain"] = "domain"  # a domain column is kept whatever else is mapped
+        return mapping
     mapping = {}
     for key, aliases in COLUMN_ALIASES.items():
         found = next((alias for alias in aliases if alias in row), None)
@@ -77,7 +84,41 @@ def _kind_of(mapping: dict[str, str], where: str, row: dict | None = None) -> st
     )
 
 
+# how a KTO label may be written -> desirable?
+DESIRABLE_LABELS = {"true": True, "false": False, "1": True, "0": False, "desirable": True, "undesirable": False}
+
+
+def desirable_label(value: Any) -> bool:
+    """A KTO label as a bool: true/false, 1/0, or the strings "true"/"false"/"1"/"0"/"desirable"/"undesirable"
+    (any case); ValueError naming the accepted values for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in DESIRABLE_LABELS:
+        return DESIRABLE_LABELS[value.strip().lower()]
+    raise ValueError(f"label {value!r} is not a KTO label; use true/false, 1/0 or \"desirable\"/\"undesirable\"")
+
+
 def _mapped_record(row: dict, mapping: dict[str, str], kind: str) -> dict:
+    domain = _domain(row, mapping.get("domain"))
+    record = _kind_record(row, {k: v for k, v in mapping.items() if k != "domain"}, kind)
+    if domain is not None:
+        record["domain"] = domain
+    return record
+
+
+def _domain(row: dict, column: str | None) -> str | None:
+    """The row's ``domain`` column (None when the file has none or this row leaves it empty)."""
+    value = row.get(column) if column is not None else None
+    if value is None:
+        return None
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
+        raise RowError(f"column {column!r} (domain) must be a non-empty name, got {value!r}")
+    return str(value).strip()
+
+
+def _kind_record(row: dict, mapping: dict[str, str], kind: str) -> dict:
     values = {}
     for key, column in mapping.items():
         if column not in row:
@@ -97,6 +138,17 @@ def _mapped_record(row: dict, mapping: dict[str, str], kind: str) -> dict:
             "prompt": text,
             "response": str(label).strip(),
         }
+    if kind == "unpaired":
+        try:
+            label = desirable_label(values["label"])
+        except ValueError as error:
+            raise RowError(f"column {mapping['label']!r}: {error}") from None
+        record = {"kind": kind, "prompt": _text({mapping["prompt"]: values["prompt"]}, mapping["prompt"]),
+                  "completion": _text({mapping["completion"]: values["completion"]}, mapping["completion"], optional=True),
+                  "label": label}
+        if "system" in values:
+            record["system"] = _text({mapping["system"]: values["system"]}, mapping["system"], optional=True)
+        return record
     if kind == "ner":
         return _ner_record(values["tokens"], values["ner_tags"])
     if kind == "chat":

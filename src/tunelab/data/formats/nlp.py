@@ -29,7 +29,7 @@ from typing import Any
 from tunelab.errors import DataError
 
 NLP_FORMATS = ("conll", "squad", "tasks")
-MANIFEST_KEYS = {"task", "source", "format", "columns", "limit"}
+MANIFEST_KEYS = {"task", "source", "format", "columns", "limit", "domain"}
 
 
 def conll_records(path: Path, limit: int | None = None) -> list[dict]:
@@ -96,7 +96,8 @@ def squad_records(path: Path, limit: int | None = None) -> list[dict]:
     return records
 
 
-def manifest_records(path: Path, limit: int | None, load: Callable[..., list[dict]]) -> list[dict]:
+def manifest_records(path: Path, limit: int | None, load: Callable[..., list[dict]],
+                     domain: str | None = None) -> list[dict]:
     import yaml
 
     try:
@@ -116,7 +117,8 @@ def manifest_records(path: Path, limit: int | None, load: Callable[..., list[dic
             raise DataError(f"{path}: tasks[{index}] has unknown key {unknown[0]!r}; keys: {', '.join(sorted(MANIFEST_KEYS))}")
         source = Path(entry["source"])
         source = source if source.is_absolute() else root / source
-        rows = load(source, format=entry.get("format"), columns=entry.get("columns"), limit=entry.get("limit"))
+        rows = load(source, format=entry.get("format"), columns=entry.get("columns"), limit=entry.get("limit"),
+                    domain=str(entry["domain"]) if entry.get("domain") is not None else domain)
         for row_index, row in enumerate(rows):
             row["task"] = str(entry["task"])
             row["id"] = f"{entry['task']}-{row_index}"
@@ -124,13 +126,15 @@ def manifest_records(path: Path, limit: int | None, load: Callable[..., list[dic
     return records[:limit] if limit is not None else records
 
 
-def load_nlp(source: str | os.PathLike, format: str, limit: int | None, load: Callable[..., list[dict]]) -> list[dict]:
-    """Records of a ``conll`` / ``squad`` file or a ``tasks`` manifest (``load``: :func:`load_records`)."""
+def load_nlp(source: str | os.PathLike, format: str, limit: int | None, load: Callable[..., list[dict]],
+             domain: str | None = None) -> list[dict]:
+    """Records of a ``conll`` / ``squad`` file or a ``tasks`` manifest (``load``: :func:`load_records`);
+    ``domain`` for records that name none (a manifest entry's ``domain`` comes first)."""
     path = Path(source)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     if format == "tasks":
-        return manifest_records(path, limit, load)
+        return manifest_records(path, limit, load, domain)
     records: list[Any] = conll_records(path, limit) if format == "conll" else squad_records(path, limit)
     if not records:
         raise DataError(f"no usable records in {path} (format {format})")
@@ -138,5 +142,5 @@ def load_nlp(source: str | os.PathLike, format: str, limit: int | None, load: Ca
         record.setdefault("id", f"{path.stem}-{index}")
         record["id"] = record["id"] or f"{path.stem}-{index}"
         record.setdefault("task", path.stem)
-        record.setdefault("domain", "general")
+        record.setdefault("domain", domain or "general")
     return records
