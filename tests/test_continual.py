@@ -281,3 +281,70 @@ def test_store_lives_on_the_model_and_copies_with_it():
     assert store(testing.toy_mlp()) == {}
     assert "_tunelab_adapt_state" not in dict(model.named_parameters())
     random.seed(0)
+
+
+# ----------------------------------------------------------------------------- resume across stages
+class _Killed(Exception):
+    """Stands for SIGKILL in process: nothing after it runs, the scratch folder stays as it was."""
+
+
+def _kill_in_stage_two(at_step):
+    """A training callback that dies at step ``at_step`` of the second stage (before that step's checkpoint)."""
+    started = []
+
+    def callback(event):
+        if "loss" in event and event.get("step") == 1:
+            started.append(True)
+        if len(started) == 2 and "loss" in event and event.get("step") == at_step:
+            raise _Killed
+
+    return callback
+
+
+@pytest.mark.parametrize("name, options", [("ewc", {"ewc_lambda": 1e4, "fisher_samples": 4}),
+                                           ("replay", {"buffer_size": 4, "replay_ratio": 0.5}),
+                                           ("lwf", {"alpha": 1.0}),
+                                           ("olora", {"orth_lambda": 1.0}),
+                                           ("per_domain", {})])
+def test_a_cell_killed_in_stage_two_resumes_to_the_uninterrupted_result(name, options, small_model_dir, tmp_path,
+                                                                        monkeypatch):
+    """Killed in stage 2 before its first checkpoint (the stage restarts) or after it (the stage resumes
+    mid-way): stage 1's cross-stage state (Fisher + anchor, buffer, snapshot, finished adapters) comes back
+    with stage 1, so stages 2 and 3 train, and every stage's test data scores, exactly as in an
+    uninterrupted run (per-domain adapters: stage 1's data with stage 1's adapter)."""
+    from tunelab.experiments.spec import expand_grid, validate
+
+    lora = {"name": "lora", "options": {"r": 2, "target_modules": "all-linear"}}
+    raw = {
+        "name": "cl", "output_dir": str(tmp_path), "model": {"name": str(small_model_dir)}, "method": lora,
+        "objective": {"name": name, "options": options},
+        "data": {"tasks": ["qa"], "train_size": 8, "eval_size": 0, "test_size": 2, "max_length": 48},
+        "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 3e-2, "save_every": 1, "log_every": 1},
+        "eval": {"max_new_tokens": 2, "latency_batches": 0},
+        "stages": [{"name": domain, "data": {"domain": domain},
+                    **({"method": lora} if name in ("olora", "per_domain") else {})}
+                   for domain in ("general", "medical", "legal")],
+    }
+    cell = expand_grid(validate(raw))[0]
+    from tunelab.experiments import runner
+
+    scored_with = []  # the adapters that score each trained stage's test data (per_domain; None = the base)
+    evaluate_row = runner._evaluate_row
+
+    def spy(spec, prepared, objectives, index, *args):
+        scored_with.extend(o.adapter for o in objectives[: index + 1] if isinstance(o, PerDomainObjective))
+        return evaluate_row(spec, prepared, objectives, index, *args)
+
+    monkeypatch.setattr(runner, "_evaluate_row", spy)
+    straight = runner.run_cell(cell, tmp_path / "straight", progress=False)
+    penalties = {"ewc": "ewc", "replay": "ce_replay", "lwf": "lwf_kd", "olora": "orth", "per_domain": "loss"}
+    assert any(penalties[name] in e for e in straight["history"] if e.get("stage") == "medical")
+    for at_step in (1, 2):  # 1: no checkpoint of stage 2 yet; 2: its step-1 checkpoint exists
+        run_dir = tmp_path / f"killed-at-{at_step}"
+        with pytest.raises(_Killed):
+            runner.run_cell(cell, run_dir, progress=False, callbacks=[_kill_in_stage_two(at_step)])
+        resumed = runner.run_cell(cell, run_dir, progress=False)
+        assert [e.get("loss") for e in resumed["history"]] == [e.get("loss") for e in straight["history"]], at_step
+        assert resumed["stage_matrix"]["metrics"] == straight["stage_matrix"]["metrics"]
+        assert resumed["metrics"] == straight["metrics"]
+    assert None not in scored_with  # a restored stage scores its test data with its own adapter

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
 
 from tunelab import tuners
 from tunelab.data import synthetic
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, ModelError
 from tunelab.experiments import registry
 from tunelab.models import testing, tiny
 from tunelab.multitask import (
@@ -19,7 +20,9 @@ from tunelab.multitask import (
     add_task,
     attached_heads,
     delta_p,
+    load_heads,
     row_adapters,
+    saved_options,
 )
 from tunelab.multitask.analysis import transfer_matrix
 from tunelab.multitask.collate import MultitaskCollator, SpanQACollator
@@ -133,6 +136,72 @@ def _outputs(model, objective, records):
         return objective.forward(model, batch).per_row()
 
 
+def test_heads_saved_beside_the_adapters_reload_onto_a_fresh_model_with_equal_outputs(backbone, records, tmp_path):
+    base, tokenizer = backbone
+    model = copy.deepcopy(base)
+    tuners.apply(model, "lora", r=4, target_modules="all-linear")
+    objective = MultitaskObjective(tasks=TASKS, sharing="per_task", switching="example")
+    train(model, records, objective, {"max_steps": 2, "batch_size": 8, "learning_rate": 1e-2}, tokenizer=tokenizer,
+          progress=False)
+    model.eval()
+    before = _outputs(model, objective, records)
+    tuners.save(model, tmp_path)
+    assert objective.save_outputs(model, tmp_path) == {"heads": tmp_path / "heads"}
+    kinds = json.loads((tmp_path / "heads" / "heads.json").read_text())["heads"]
+    assert {name: spec["kind"] for name, spec in kinds.items()} == {
+        "qa": "lm", "domain": "classification", "ner": "token_classification", "extractive_qa": "span_qa"}
+    assert kinds["domain"]["label_names"] == list(synthetic.label_names("domain_classification"))
+
+    fresh = copy.deepcopy(base)
+    tuners.load(fresh, tmp_path)
+    heads = load_heads(fresh, tmp_path)
+    assert attached_heads(fresh) is heads and heads.trained_tasks == {"qa", "domain", "ner", "extractive_qa"}
+    reloaded = MultitaskObjective(saved_options(tmp_path))
+    reloaded.collator(tokenizer, None)
+    after = _outputs(fresh.eval(), reloaded, records)
+    assert len(after) == len(records) and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    for task in ("domain", "ner"):  # per task, the head alone: inference by task name
+        rows = [r for r, name in zip(records, reloaded.collate_fn(records)["tasks"], strict=True) if name == task]
+        batch = reloaded.collate_fn(rows)
+        with torch.no_grad():
+            reloaded.activate(fresh, task)
+            objective.activate(model, task)
+            assert torch.equal(heads(fresh, batch, task=task).logits,
+                               attached_heads(model)(model, batch, task=task).logits)
+    with pytest.raises(ModelError, match="no multi-task heads"):
+        load_heads(copy.deepcopy(base), tmp_path / "nowhere")
+
+
+def test_a_multitask_run_saves_its_heads_and_the_reloaded_model_scores_the_same(tmp_path, small_model_dir):
+    from tunelab.experiments.data import build_splits
+    from tunelab.experiments.runner import run_experiment
+    from tunelab.experiments.spec import load_spec
+    from tunelab.models import zoo
+
+    tasks = "[{name: qa}, {name: domain, match: {task: domain_classification}}]"
+    config = tmp_path / "mt.yaml"
+    config.write_text(
+        f"name: mt\noutput_dir: {tmp_path / 'runs'}\nmodel: {{name: '{small_model_dir}'}}\n"
+        "method: {name: lora, options: {r: 4, target_modules: all-linear}}\n"
+        f"objective: {{name: multitask, options: {{tasks: {tasks}, sharing: per_task}}}}\n"
+        "data: {tasks: [qa, domain_classification], domain: medical, train_size: 8, eval_size: 0, test_size: 4, "
+        "max_length: 64}\n"
+        "train: {max_steps: 2, batch_size: 4, eval_every: null, save_every: null}\n"
+        "eval: {max_new_tokens: 4, latency_batches: 0}\n")
+    spec = load_spec(config)
+    [record] = run_experiment(spec, progress=False, isolate=False)
+    adapter_dir = tmp_path / "runs" / "mt" / record["outputs"]["adapter"]
+    assert record["outputs"]["heads"] == f"{record['outputs']['adapter']}/heads"
+    model, tokenizer = zoo.load(str(small_model_dir), task="causal_lm", progress=False)
+    tuners.load(model, adapter_dir)
+    load_heads(model, adapter_dir)
+    objective = registry.build_objective("multitask", saved_options(adapter_dir).model_dump())
+    objective.collator(tokenizer, None, max_length=64, template="plain")
+    test = build_splits(spec.data)[2]
+    scores = objective.evaluate(model, test, max_new_tokens=4, batch_size=spec.eval.batch_size, progress=False)
+    assert {k: v for k, v in scores.items() if "/" in k} == {k: v for k, v in record["metrics"].items() if "/" in k}
+
+
 @pytest.mark.parametrize("switching", ["batch", "example"])
 def test_per_task_training_then_adding_a_task_leaves_old_tasks_bitwise_unchanged(backbone, records, switching):
     base, tokenizer = backbone
@@ -224,3 +293,33 @@ def test_conll_squad_and_task_manifest_formats(tmp_path):
     assert qa[0]["answers"] == {"text": ["France"], "answer_start": [15]} and qa[1]["answers"]["text"] == []
     mixed = formats.load_records(tmp_path / "tasks.yaml")
     assert [r["task"] for r in mixed] == ["ner", "ner", "qa"]
+
+
+def test_a_run_resumed_after_its_first_stage_gets_that_stages_heads_back(tmp_path, small_model_dir):
+    """Stage 2 adds a task; a cell killed in stage 2 restores stage 1's heads (they are not model parameters)."""
+    from tunelab.experiments.runner import run_cell
+    from tunelab.experiments.spec import expand_grid, validate
+
+    old = [{"name": "qa"}, {"name": "domain", "match": {"task": "domain_classification"}}]
+    raw = {
+        "name": "mt", "output_dir": str(tmp_path), "model": {"name": str(small_model_dir)},
+        "method": {"name": "lora", "options": {"r": 2, "target_modules": "all-linear"}},
+        "objective": {"name": "multitask", "options": {"tasks": old, "sharing": "per_task"}},
+        "data": {"tasks": ["qa", "domain_classification", "ner"], "domain": "medical", "train_size": 8,
+                 "eval_size": 0, "test_size": 2, "max_length": 48},
+        "train": {"max_steps": 2, "batch_size": 4, "learning_rate": 3e-2, "save_every": None, "log_every": 1},
+        "eval": {"max_new_tokens": 2, "latency_batches": 0},
+        "stages": [{"name": "first"},
+                   {"name": "added", "objective": {"name": "multitask", "options": {
+                       "tasks": [*old, {"name": "ner"}], "sharing": "per_task", "train_tasks": ["ner"]}}}],
+    }
+    cell = expand_grid(validate(raw))[0]
+    straight = run_cell(cell, tmp_path / "straight", progress=False)
+    run_cell(cell, tmp_path / "partial", progress=False)
+    for path in (tmp_path / "partial" / ".work" / cell.run_id).glob("*-1*"):  # as if killed in stage 2
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = run_cell(cell, tmp_path / "partial", progress=False)
+    assert resumed["stage_matrix"]["metrics"] == straight["stage_matrix"]["metrics"]
+    assert [e.get("loss") for e in resumed["history"]] == [e.get("loss") for e in straight["history"]]
+    saved = json.loads((tmp_path / "partial" / "adapters" / cell.run_id / "heads" / "heads.json").read_text())
+    assert sorted(saved["heads"]) == ["domain", "ner", "qa"]

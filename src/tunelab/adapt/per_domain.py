@@ -73,3 +73,9 @@ class PerDomainObjective(SFTObjective):
         if self.adapter is not None:
             domain = record_domain(records) or self.adapter
             store(model).setdefault("domain_adapters", {})[domain] = self.adapter
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adapter": self.adapter}  # a resumed run's finished stage still scores with its own adapter
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.adapter = state.get("adapter", self.adapter)

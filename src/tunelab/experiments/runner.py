@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import yaml
 
+from tunelab.adapt.store import store
 from tunelab.errors import ConfigError, DataError, ModelError, TunelabError
 from tunelab.experiments import distributed, registry, rundir
 from tunelab.experiments import jobs as parallel
@@ -374,6 +375,8 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
                            callbacks=[*(callbacks or []), *([_killer(kill_at)] if kill_at else [])] or None,
                            param_groups=loraplus_groups(model, stage.train.learning_rate, stage.train.weight_decay))
             objective.on_stage_end(model, train_records)
+            # what the objective's setup made trainable (multitask's per-task adapters) is the stage's too
+            trained_names |= {name for name, p in model.named_parameters() if p.requires_grad}
             stage_history = [{**event, "stage": stage.name} for event in result.history] if len(prepared) > 1 \
                 else result.history
             started = time.perf_counter()
@@ -423,7 +426,7 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
         "versions": _versions(), "git_sha": _git_sha(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    record["outputs"] = _save_outputs(run_dir, cell.run_id, model, predictions)
+    record["outputs"] = _save_outputs(run_dir, cell.run_id, model, predictions, objectives)
     if len(prepared) > 1:
         record["stages"] = stage_records
         record["stage_matrix"] = {"stages": [s.name for s in stages],
@@ -478,10 +481,17 @@ def _untuned(run_dir, spec, stages, prepared, model, tokenizer, progress) -> lis
 
 
 def _save_stage(work: Path, index: int, model, objective, names: set[str], results: tuple) -> None:
-    """After a stage: the trainable state of every stage so far, the objective's state and the results."""
+    """After a stage: the trainable state of every stage so far, the objective's state and outputs, the
+    model's cross-stage store (what later stages' objectives read: EWC's Fisher, the replay buffer, ...),
+    the random state (a later stage's new adapter initialises as in an uninterrupted run) and the results
+    (written last: their file marks the stage finished)."""
+    from tunelab.train.checkpoint import capture_rng_state
+
+    objective.save_outputs(model, work / f"stage-{index}-outputs")
     state = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if name in names}
     with atomic_path(work / f"stage-{index}.pt") as tmp:
-        torch.save({"model": state, "objective": objective.state_dict()}, tmp)
+        torch.save({"model": state, "objective": objective.state_dict(), "store": dict(store(model)),
+                    "rng": capture_rng_state()}, tmp)
     stage_record, row, history, predictions = results
     atomic_write_json(work / f"stage-{index}.json", {"record": stage_record, "row": row, "history": history,
                                                       "predictions": predictions})
@@ -489,21 +499,34 @@ def _save_stage(work: Path, index: int, model, objective, names: set[str], resul
 
 def _load_stage(work: Path, index: int, model, objective):
     """Restore a finished stage saved by :func:`_save_stage`; None when it did not finish."""
+    from tunelab.train.checkpoint import restore_rng_state
+
     results, weights = work / f"stage-{index}.json", work / f"stage-{index}.pt"
     if not (results.is_file() and weights.is_file()):
         return None
     saved = torch.load(weights, map_location="cpu", weights_only=True)
+    objective.load_outputs(model, work / f"stage-{index}-outputs")  # first: it may add the modules restored below
     parameters = dict(model.named_parameters())
+    missing = sorted(set(saved["model"]) - set(parameters))
+    if missing:
+        raise TunelabError(f"{weights} holds {missing[0]!r}, which the model lacks; delete {work} to run the cell "
+                           "from the start")
     with torch.no_grad():
         for name, value in saved["model"].items():
             parameters[name].copy_(value.to(parameters[name].device))
     objective.load_state_dict(saved["objective"])
+    cross_stage = store(model)  # as the finished stage left it, for the stages after it
+    cross_stage.clear()
+    cross_stage.update(saved.get("store", {}))
+    if "rng" in saved:
+        restore_rng_state(saved["rng"])
     done = json.loads(results.read_text())
     return done["record"], done["row"], done["history"], done["predictions"]
 
 
-def _save_outputs(run_dir: Path, run_id: str, model, predictions: list[dict]) -> dict:
-    """The trained adapter (tunelab format, and PEFT format where the method has one) and the predictions."""
+def _save_outputs(run_dir: Path, run_id: str, model, predictions: list[dict], objectives=()) -> dict:
+    """The trained adapter (tunelab format, and PEFT format where the method has one), what the stages'
+    objectives keep beside it (``save_outputs``: multi-task heads) and the predictions."""
     from tunelab import tuners
 
     adapter_dir = run_dir / "adapters" / run_id
@@ -517,6 +540,9 @@ def _save_outputs(run_dir: Path, run_id: str, model, predictions: list[dict]) ->
         outputs["peft_adapter"] = str((adapter_dir / "peft").relative_to(run_dir))
     except TunelabError:
         pass  # a method (or combination) without that format: keep what was written
+    for objective in objectives:  # in stage order: a later stage's outputs replace an earlier one's
+        for name, path in objective.save_outputs(model, adapter_dir).items():
+            outputs[name] = str(Path(path).relative_to(run_dir))
     lines = "".join(json.dumps(row, default=str) + "\n" for row in predictions)
     atomic_write_text(run_dir / "predictions" / f"{run_id}.jsonl", lines)
     outputs["predictions"] = f"predictions/{run_id}.jsonl"

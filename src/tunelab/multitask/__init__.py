@@ -12,12 +12,15 @@ from tunelab.multitask.objective import (
     MultitaskOptions,
     add_task,
     attached_heads,
+    load_heads,
     prepare,
+    saved_options,
 )
 from tunelab.multitask.routing import row_adapters
 from tunelab.multitask.tasks import TaskSpec
 
 __all__ = [
     "MultitaskCollator", "MultitaskEncoderObjective", "MultitaskObjective", "MultitaskOptions", "SpanQACollator",
-    "TaskSpec", "add_task", "attached_heads", "delta_p", "prepare", "row_adapters", "transfer_matrix",
+    "TaskSpec", "add_task", "attached_heads", "delta_p", "load_heads", "prepare", "row_adapters", "saved_options",
+    "transfer_matrix",
 ]

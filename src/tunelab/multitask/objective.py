@@ -12,7 +12,18 @@ temperature, annealed; resumable), returned from :meth:`MultitaskObjective.sampl
 
 The heads live on the model object (not as a sub-module: a plain attribute), so a later stage's
 ``multitask`` objective finds and extends them: listing a new task and ``train_tasks: [new]`` adds a
-task (adapter + head) to a trained model while the old ones stay frozen.
+task (adapter + head) to a trained model while the old ones stay frozen. Being no parameters of the
+model, they are not in its adapters: ``save_outputs`` writes them beside the adapters of a run
+(``runs/<n>/adapters/<run>/heads/``: ``heads.safetensors``, ``heads.json`` = task -> head kind, size and
+label names, ``multitask.json`` = the tasks, sharing and trained tasks), and :func:`load_heads` puts
+them back on a model for inference::
+
+    model, tokenizer = zoo.load(base)
+    tuners.load(model, "runs/mt/adapters/lora-n16-s0")
+    heads = load_heads(model, "runs/mt/adapters/lora-n16-s0")
+    objective = MultitaskObjective(saved_options("runs/mt/adapters/lora-n16-s0"))
+    objective.collator(tokenizer, None)
+    objective.evaluate(model, records)          # or heads(model, batch, task="domain").logits
 
 ``multitask`` loads a decoder with its LM head (generation + understanding); ``multitask_encoder``
 loads an encoder (MiniLM, BERT) for understanding tasks only.
@@ -20,7 +31,10 @@ loads an encoder (MiniLM, BERT) for understanding tasks only.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -28,8 +42,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tunelab import tuners
-from tunelab.errors import ConfigError, DataError
-from tunelab.models.heads import TaskHeads
+from tunelab.errors import ConfigError, DataError, ModelError
+from tunelab.models.heads import HEADS_CONFIG, TaskHeads, save_heads
+from tunelab.models.heads import load_heads as read_heads
 from tunelab.multitask import sharing as sharing_lib
 from tunelab.multitask.collate import MultitaskCollator, task_collator
 from tunelab.multitask.evaluate import evaluate_generation, evaluate_head_task
@@ -38,8 +53,11 @@ from tunelab.multitask.tasks import TaskSpec, check_unique, group_records
 from tunelab.multitask.weighting import build_weighting, check_weighting
 from tunelab.train.objective import BaseObjective, LossOutput, ObjectiveConfig
 from tunelab.train.samplers import GROUP_STRATEGIES, GroupSampler
+from tunelab.utils import atomic_write_json
 
 HEADS_ATTRIBUTE = "_tunelab_multitask_heads"
+HEADS_FOLDER = "heads"  # beside the adapters: heads.safetensors + heads.json (tunelab.models.heads) + OPTIONS_FILE
+OPTIONS_FILE = "multitask.json"
 
 
 class MultitaskOptions(ObjectiveConfig):
@@ -211,6 +229,24 @@ class MultitaskObjective(BaseObjective):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.weighting.load_extra_state(state.get("weighting", {}))
 
+    def save_outputs(self, model: nn.Module, directory: Path) -> dict[str, Path]:
+        """The heads on ``model`` (every task's, trained in this stage or before) into ``directory/heads``."""
+        heads = attached_heads(model)
+        if heads is None:
+            return {}
+        folder = save_heads(heads, Path(directory) / HEADS_FOLDER)
+        info = {"trained_tasks": sorted(getattr(heads, "trained_tasks", None) or self.trained),
+                "options": self.config.model_dump(mode="json")}
+        atomic_write_json(folder / OPTIONS_FILE, info)
+        return {"heads": folder}
+
+    def load_outputs(self, model: nn.Module, directory: Path) -> None:
+        """A finished stage of a resumed run: its heads, and the adapters its setup added (their weights
+        are restored by the caller, with the rest of the stage's trainable state)."""
+        sharing_lib.ensure_adapters(getattr(model, "module", model), self.config.sharing, self.config.tasks)
+        if (Path(directory) / HEADS_FOLDER / HEADS_CONFIG).is_file():
+            load_heads(model, directory)
+
 
 class MultitaskEncoderObjective(MultitaskObjective):
     """``multitask_encoder``: the same on an encoder (MiniLM, BERT) for understanding tasks.
@@ -220,6 +256,38 @@ class MultitaskEncoderObjective(MultitaskObjective):
     """
 
     model_task = "token_classification"
+
+
+def _heads_folder(directory: str | os.PathLike) -> Path:
+    directory = Path(directory)
+    return directory / HEADS_FOLDER if (directory / HEADS_FOLDER / HEADS_CONFIG).is_file() else directory
+
+
+def load_heads(model: nn.Module, directory: str | os.PathLike) -> TaskHeads:
+    """The multi-task heads saved with a run's adapters (``runs/<n>/adapters/<run>``, or its ``heads/``
+    folder), attached to ``model`` (extending heads it has) so that the objective finds them.
+
+    Load the adapters first (``tuners.load``); the heads are placed on the model's device.
+    """
+    folder = _heads_folder(directory)
+    if not (folder / HEADS_CONFIG).is_file():
+        raise ModelError(f"no multi-task heads in {directory} (no {HEADS_FOLDER}/{HEADS_CONFIG}); was it saved by "
+                         "a run with the multitask objective?")
+    inner = getattr(model, "module", model)
+    existing = attached_heads(inner)
+    heads = read_heads(existing if existing is not None else inner, folder)
+    info = json.loads((folder / OPTIONS_FILE).read_text()) if (folder / OPTIONS_FILE).is_file() else {}
+    heads.trained_tasks = set(info.get("trained_tasks") or heads.heads)
+    attach_heads(inner, heads)
+    return heads
+
+
+def saved_options(directory: str | os.PathLike) -> MultitaskOptions:
+    """The multitask options (tasks, sharing, ...) the heads in ``directory`` were trained with."""
+    path = _heads_folder(directory) / OPTIONS_FILE
+    if not path.is_file():
+        raise ModelError(f"no {OPTIONS_FILE} in {path.parent}; save the heads with a multitask run")
+    return MultitaskOptions.model_validate(json.loads(path.read_text())["options"])
 
 
 def fresh_heads(model: nn.Module, options: MultitaskOptions) -> TaskHeads:

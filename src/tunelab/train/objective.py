@@ -5,8 +5,9 @@ into batches (``collator``) and in which order (``sampler``, default epochs), ho
 of a batch (``loss``), which extra trainable
 modules it owns (``modules``: a KD projector, a value head, per-task heads, a learned loss weight —
 they join the optimizer *and* the checkpoint), what state it carries across a resume (``state_dict``),
-how to score a model on held-out records (``evaluate``) and what to do when a stage ends
-(``on_stage_end``: EWC's Fisher, LwF's snapshot).
+how to score a model on held-out records (``evaluate``), what to do when a stage ends
+(``on_stage_end``: EWC's Fisher, LwF's snapshot) and what to save beside the adapters
+(``save_outputs`` / ``load_outputs``: the multi-task heads).
 
 A new objective is one file plus one registry line (``tunelab.experiments.registry``)::
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -90,6 +92,10 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def on_stage_end(self, model: nn.Module, records: Sequence[Any]) -> None: ...
+
+    def save_outputs(self, model: nn.Module, directory: Path) -> dict[str, Path]: ...
+
+    def load_outputs(self, model: nn.Module, directory: Path) -> None: ...
 
 
 class ObjectiveConfig(BaseModel):
@@ -165,6 +171,20 @@ class BaseObjective:
         return None
 
     def on_stage_end(self, model: nn.Module, records: Sequence[Any]) -> None:
+        return None
+
+    def save_outputs(self, model: nn.Module, directory: Path) -> dict[str, Path]:
+        """Write into ``directory`` what serving ``model`` needs besides its adapters and that lives outside
+        its parameters (the multi-task heads); returns ``{name: path written}``.
+
+        The runner calls it with the adapter directory (``runs/<n>/adapters/<run>/``) at the end of a cell,
+        and with a scratch folder after every stage, from which :meth:`load_outputs` restores a finished
+        stage when a killed cell resumes.
+        """
+        return {}
+
+    def load_outputs(self, model: nn.Module, directory: Path) -> None:
+        """Put back onto ``model`` what :meth:`save_outputs` wrote to ``directory`` (absent: nothing to do)."""
         return None
 
 
