@@ -11,12 +11,12 @@ import torch
 from tunelab.errors import ModelError
 from tunelab.models import tiny, zoo
 
-# Measured with `tunelab pretrain tiny-llama --force` (seed 0, 1,000 steps, torch 2.13 CPU, 1 thread) on
+# Measured with `tunelab pretrain tiny-llama --force` (seed 0, 3,000 steps, torch 2.13 CPU, 2 threads) on
 # 2026-11-30 and shipped (models/weights/tiny-llama/pretrain.json). The unigram perplexity depends only
 # on the corpus and the tokenizer, both deterministic, so its tolerance is tight; the model's perplexity
 # may drift a little with BLAS and thread-count differences when retrained, not with a regression.
-PINNED_HELDOUT_PERPLEXITY = 3.803
-PINNED_UNIGRAM_PERPLEXITY = 327.78
+PINNED_HELDOUT_PERPLEXITY = 2.643
+PINNED_UNIGRAM_PERPLEXITY = 383.54
 
 
 @pytest.mark.integration
@@ -40,7 +40,7 @@ def test_shipped_weights_match_the_world_generator(name):
     if not shipped.exists():
         pytest.skip(f"{name} is pretrained on first use, not shipped")
     report = json.loads(shipped.read_text())
-    assert report["spec"] == dataclasses.asdict(tiny.PRESETS[name])
+    assert report["spec"] == json.loads(json.dumps(dataclasses.asdict(tiny.PRESETS[name])))  # tuples -> lists
     assert report["corpus_fingerprint"] == tiny.corpus_fingerprint(tiny.PRESETS[name], seed=0)
 
 
@@ -118,3 +118,33 @@ def test_stories260k_loads_and_fine_tunes_with_lora(shared_dir):
                                                         eval_every=None, save_every=None), progress=False)
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert any(not torch.equal(before[n], p) for n, p in tuners.trainable_parameters(model))
+
+
+def test_previous_token_init_makes_layer0_heads_attend_to_the_previous_position():
+    """q/k biases with RoPE phases one position apart: s(i, j) peaks at i - j = 1 (tiny.previous_token_init)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                         attn_implementation="eager")
+    torch.manual_seed(0)
+    model = tiny.previous_token_init(LlamaForCausalLM(config), heads=(0, 2))
+    ids = torch.randint(0, 64, (1, 40))
+    attention = model(input_ids=ids, output_attentions=True).attentions[0][0]  # (heads, T, T)
+    previous = torch.stack([attention[:, i, i - 1] for i in range(5, 40)], dim=1).mean(dim=1)  # (heads,)
+    assert previous[0] > 0.5 and previous[2] > 0.5, previous  # far above uniform (1/i <= 0.2)
+    assert previous[1] < 0.3 and previous[3] < 0.3, previous  # the other heads are untouched
+    without_bias = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ModelError, match="attention_bias"):
+        tiny.previous_token_init(without_bias, heads=(0,))
+
+
+def test_tiny_tokenizer_gives_a_word_the_same_tokens_after_a_newline():
+    """Copying a value out of a note into an answer must be the identity on tokens."""
+    tokenizer = tiny.train_tokenizer(["Each tablet contains 100 mg. Patients notice nausea.\nnausea"] * 20, 300)
+    inside = tokenizer(" nausea", add_special_tokens=False)["input_ids"]
+    assert tokenizer("nausea", add_special_tokens=False)["input_ids"] == inside
+    assert tokenizer("Question?\nnausea", add_special_tokens=False)["input_ids"][-len(inside):] == inside
+    value = tokenizer("100 mg", add_special_tokens=False)["input_ids"]
+    assert tokenizer("contains 100 mg", add_special_tokens=False)["input_ids"][-len(value):] == value
