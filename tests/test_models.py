@@ -56,7 +56,8 @@ def test_zoo_loads_the_cached_preset_without_retraining(pretrained_tiny_llama):
     assert (pretrained_tiny_llama / "pretrain.json").stat().st_mtime_ns == stamp
     assert tokenizer.pad_token_id is not None and tokenizer.eos_token_id is not None
     ids = tokenizer("Zelvorin is given at 40 mg.", return_tensors="pt")["input_ids"]
-    assert tokenizer.decode(ids[0], skip_special_tokens=True) == "Zelvorin is given at 40 mg."
+    # the tokenizer adds a space before the first word (so a word always has the same tokens)
+    assert tokenizer.decode(ids[0], skip_special_tokens=True) == " Zelvorin is given at 40 mg."
     with torch.no_grad():
         assert model(input_ids=ids).logits.shape[-1] == len(tokenizer)
 
