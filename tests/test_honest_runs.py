@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_helpers import cell_processes
 
 from tunelab.cli import main
 from tunelab.errors import ConfigError
@@ -50,19 +51,6 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> No
         if time.monotonic() > deadline:
             pytest.fail(f"{path} never appeared")
         time.sleep(0.05)
-
-
-def _cell_processes(run_dir: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"tunelab.experiments.cell" in cmdline and str(run_dir).encode() in cmdline:
-                found.append(int(entry.name))
-    return found
 
 
 # ------------------------------------------------------------------------ item 1: cell identity
@@ -234,20 +222,20 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_killing_the_parent_leaves_
     assert process.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1].startswith("error: interrupted") and "--resume" in lines[-1] and "Traceback" not in err
-    assert not _cell_processes(run_dir)
+    assert not cell_processes(run_dir)
     # SIGKILL of the parent alone: the cell process dies with it
     process = _process("run", str(config))
     deadline = time.monotonic() + 120
-    while not _cell_processes(run_dir):
+    while not cell_processes(run_dir):
         assert process.poll() is None and time.monotonic() < deadline, "the cell process never started"
         time.sleep(0.05)
     time.sleep(1.0)  # let the cell get past its start (the watchdog is armed first thing)
     process.kill()
     process.communicate()
     deadline = time.monotonic() + 10
-    while _cell_processes(run_dir) and time.monotonic() < deadline:
+    while cell_processes(run_dir) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _cell_processes(run_dir)
+    assert not cell_processes(run_dir)
 
 
 @pytest.mark.integration

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_helpers import cell_processes
 from rich.console import Console
 
 from tunelab.cli import main
@@ -158,19 +159,6 @@ def test_the_pool_runs_n_children_at_once_and_an_interrupt_stops_them_all(monkey
     assert len(started) == 1 and started[0].returncode == -signal.SIGINT  # items 2 and 3 never started
 
 
-def _cell_processes(run_dir: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"tunelab.experiments.cell" in cmdline and str(run_dir).encode() in cmdline:
-                found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_ctrl_c_stops_every_cell_at_once_and_records_no_failure(tmp_path, small_model_dir):
     config = _config(tmp_path, small_model_dir, steps=100000)
@@ -193,6 +181,6 @@ def test_ctrl_c_stops_every_cell_at_once_and_records_no_failure(tmp_path, small_
     assert process.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1].startswith("error: interrupted") and "--resume" in lines[-1] and "Traceback" not in err
-    assert not _cell_processes(run_dir)
+    assert not cell_processes(run_dir)
     assert not (run_dir / "failed").exists() and not list((run_dir / "results").glob("*.json"))
     assert all(path.exists() for path in started)  # their scratch state is kept for the rerun
