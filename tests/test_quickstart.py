@@ -42,7 +42,13 @@ def test_quickstart_pipeline_learns_the_medical_domain(pretrained_tiny_llama, tm
         assert losses[-1] < 0.67 * losses[0], (result["run_id"], losses)
     lora = next(r for r in results if r["method_label"] == "lora")
     full = next(r for r in results if r["method_label"] == "full")
-    assert lora["trainable_parameters"] < 0.1 * full["trainable_parameters"]
+    # LoRA trains r * (d_in + d_out) per adapted linear layer (all-linear: every linear but lm_head);
+    # the shipped r = 32 on a 3.4M-parameter model is ~17% of full fine-tuning, far from the whole model.
+    rank = next(m for m in spec.grid.methods if m.name == "lora").options["r"]
+    expected = sum(rank * (m.in_features + m.out_features) for name, m in base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
+    assert lora["trainable_parameters"] == expected, (lora["trainable_parameters"], expected)
+    assert lora["trainable_parameters"] < 0.2 * full["trainable_parameters"]
     report = (tmp_path / "quickstart" / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 2  # loss curves, quality; Pareto plots too
     assert json.loads((tmp_path / "quickstart" / "results" / "lora-n200-s0.json").read_text())["history"]
