@@ -18,11 +18,10 @@ Pareto plots (quality vs peak memory, vs train time) start their quality axis at
 
 from __future__ import annotations
 
-import base64
-import html
 import math
 from pathlib import Path
 
+from tunelab.experiments import markdown_html
 from tunelab.experiments.plots import figure_png, score_axis
 
 COSTS = (("trainable_parameters", "trainable parameters", "{:,.0f}"),
@@ -164,33 +163,4 @@ def report_section(run_dir: str | Path, results: list[dict], rows: list[dict]) -
     (run_dir / "plots").mkdir(exist_ok=True)
     for name, png in pngs.items():
         (run_dir / "plots" / f"{name}.png").write_bytes(png)
-    return section, f'<section id="analysis">{to_html(section, pngs)}</section>'
-
-
-def to_html(section: str, pngs: dict[str, bytes]) -> str:
-    """The analysis markdown as HTML: headings, bullet lists, bold, paragraphs, inline images."""
-    import re
-
-    def inline(text: str) -> str:
-        text = html.escape(text)
-        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-        return re.sub(r"\*(.+?)\*", r"<i>\1</i>", text)
-
-    parts, items = [], []
-    for line in section.splitlines() + [""]:
-        if line.startswith("- "):
-            items.append(f"<li>{inline(line[2:])}</li>")
-            continue
-        if items:
-            parts.append("<ul>" + "".join(items) + "</ul>")
-            items = []
-        if line.startswith("!["):
-            name = line[line.index("(plots/") + 7:line.index(".png")]
-            if name in pngs:
-                parts.append(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(pngs[name]).decode()}">')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            parts.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            parts.append(f"<p>{inline(line)}</p>")
-    return "".join(parts)
+    return section, f'<section id="analysis">{markdown_html.to_html(section, pngs)}</section>'

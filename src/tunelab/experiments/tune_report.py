@@ -8,11 +8,10 @@ fANOVA) — all matplotlib, embedded as base64 PNG so the HTML is one file.
 
 from __future__ import annotations
 
-import base64
-import html
 from pathlib import Path
 from typing import Any
 
+from tunelab.experiments import markdown_html
 from tunelab.experiments.plots import figure_png, score_axis
 from tunelab.utils import atomic_write_text
 
@@ -188,40 +187,6 @@ def write(spec, studies: dict[str, Any], comparison: list[dict] | None = None) -
     lines.append("The best configuration is in `best.yaml` (run it with `tunelab run`).\n")
     markdown = "\n".join(lines)
     atomic_write_text(run_dir / "tune_report.md", markdown)
-    atomic_write_text(run_dir / "tune_report.html", _html(spec.name, markdown, plots))
+    page = markdown_html.page(f"tunelab tune: {spec.name}", markdown_html.to_html(markdown, plots))
+    atomic_write_text(run_dir / "tune_report.html", page)
     return run_dir / "tune_report.md"
-
-
-def _html(name: str, markdown: str, plots: dict[str, bytes | None]) -> str:
-    """A plain rendering of the markdown: headings, tables, paragraphs; images inlined."""
-    parts, table = [], []
-
-    def flush() -> None:
-        if table:
-            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-:")]
-            cells = [[html.escape(c.strip()) for c in r.strip().strip("|").split("|")] for r in rows]
-            head = "".join(f"<th>{c}</th>" for c in cells[0])
-            body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
-            parts.append(f"<table><tr>{head}</tr>{body}</table>")
-            table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("!["):
-            key = line[line.index("(plots/") + 7:line.index(".png")]
-            png = plots.get(key)
-            if png is not None:
-                parts.append(f'<img alt="{key}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            parts.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            parts.append(f"<p>{html.escape(line)}</p>")
-    flush()
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>tunelab tune: {html.escape(name)}</title>'
-            "<style>body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}"
-            f"</style></head><body>{''.join(parts)}</body></html>\n")
