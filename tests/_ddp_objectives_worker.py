@@ -123,7 +123,7 @@ class Context:
         return model
 
     def lora(self, model: nn.Module, task: str = "causal_lm", adapter: str = "default", **options: Any) -> nn.Module:
-        from tunelab.experiments.runner import apply_method
+        from tunelab.experiments.preflight import apply_method
         from tunelab.experiments.spec import MethodSpec
 
         return apply_method(model, MethodSpec(name="lora", options={**LORA, **options}), task, adapter)

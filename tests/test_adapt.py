@@ -215,7 +215,8 @@ def test_real_domain_files_load_as_records(shared_dir, tmp_path):
 def test_file_records_take_their_domain_from_a_column_or_their_stage(small_model_dir, tmp_path):
     """Real files as domains: a ``domain`` column wins, else the stage's data.domain, else general; per-domain
     adapters and the router then see the right domains (a manifest declares one domain per file)."""
-    from tunelab.experiments.runner import _stage_splits, run_experiment
+    from tunelab.experiments.preflight import stage_splits as _stage_splits
+    from tunelab.experiments.runner import run_experiment
     from tunelab.experiments.spec import resolve_stages, validate
 
     def write(name, rows):

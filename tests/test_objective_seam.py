@@ -215,7 +215,8 @@ def test_two_stages_from_the_cli_write_per_stage_results_and_the_cross_evaluatio
 
 def test_a_stage_method_adds_a_new_adapter_that_trains_alone(tmp_path, small_model_dir):
     from tunelab import tuners
-    from tunelab.experiments.runner import _train_only, apply_method
+    from tunelab.experiments.preflight import apply_method
+    from tunelab.experiments.runner import _train_only
     from tunelab.experiments.spec import MethodSpec
     from tunelab.models import zoo
 

@@ -1,0 +1,150 @@
+"""Everything a cell needs before it trains, and the preflight that checks it all before a run writes.
+
+- :func:`load_model` loads the spec's model with the head its objective's model task needs (a broken
+  model directory is a one-line :class:`~tunelab.errors.ModelError`);
+- :func:`apply_method` applies a PEFT method and keeps a task head tunelab added trainable;
+- :func:`stage_splits` builds (and caches) a stage's data splits;
+- :func:`preflight` fails fast, before anything is written: output directory, data, model, every
+  method's options and targets, prompt lengths against the model's positions, and one collated batch
+  of training and test records per stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from tunelab.errors import ConfigError, DataError, ModelError, TunelabError
+from tunelab.experiments import registry
+from tunelab.experiments.data import build_splits
+from tunelab.experiments.rundir import check_writable
+from tunelab.experiments.spec import Cell, ExperimentSpec, MethodSpec, Stage, resolve_stages
+
+HEAD_NAMES = ("score", "classifier")  # heads that transformers adds for classification tasks
+
+
+def load_model(spec: ExperimentSpec, model_task: str, labels: list[str] | None, progress: bool = True):
+    """``(model, tokenizer)`` of the spec's model with the head its objective's model task needs."""
+    from tunelab.models import zoo
+
+    try:
+        return zoo.load(spec.model.name, task=model_task, seed=spec.model.seed, label_names=labels, progress=progress)
+    except TunelabError:
+        raise
+    except Exception as error:  # an empty, truncated or corrupt model directory: the user's to fix
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"cannot load model {spec.model.name!r}: {type(error).__name__}: {reason} "
+                         "(check the model directory or hub id)") from None
+
+
+def apply_method(model, method: MethodSpec, model_task: str, adapter_name: str = "default"):
+    """Apply a method; a task head added by tunelab (``classifier``/``score``) always trains.
+
+    Methods that support PEFT's ``modules_to_save`` get the head there (so it is saved with the
+    adapter); for the others, the head's parameters are simply unfrozen.
+    """
+    from tunelab import tuners
+    from tunelab.tuners import registry
+
+    options = dict(method.options)
+    heads = []
+    if model_task != "causal_lm" and method.name != "full":
+        leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        heads = [name for name in HEAD_NAMES if name in leaf_names]
+        fields = registry.get(method.name).config_class.model_fields
+        if heads and "modules_to_save" in fields and not options.get("modules_to_save") and adapter_name == "default":
+            options["modules_to_save"] = heads
+            heads = []
+    kwargs = {} if adapter_name == "default" else {"adapter_name": adapter_name}
+    model = tuners.apply(model, method.name, **options, **kwargs)
+    for name, parameter in model.named_parameters():
+        if any(part in heads for part in name.split(".")):
+            parameter.requires_grad_(True)
+    return model
+
+
+def stage_splits(stage: Stage, cache: dict | None = None, notes: list[str] | None = None):
+    """``(objective entry, (train, validation, test, labels))`` of a stage, cached by data + objective."""
+    entry = registry.get_objective(stage.objective.name)
+    key = f"{entry.objective_class.label_key}/{stage.data.model_dump_json()}"
+    if cache is not None and key in cache:
+        return entry, cache[key]
+    splits = build_splits(stage.data, entry.objective_class.label_key, notes)
+    if cache is not None:
+        cache[key] = splits
+    return entry, splits
+
+
+PROMPT_OPTIONS = ("num_virtual_tokens",)  # options that add positions to every sequence
+
+
+def preflight(cells: list[Cell], progress: bool = True, notes: list[str] | None = None) -> None:
+    """Fail fast, before anything is written: output directory, data, model, every method's options and
+    targets, and one collated batch of training and test records per stage."""
+    split_cache: dict[str, Any] = {}
+    base_cache: dict[str, Any] = {}
+    seen_methods: set[str] = set()
+    seen_collate: set[str] = set()
+    notes = notes if notes is not None else []
+    for cell in cells:
+        spec = cell.spec
+        check_writable(spec.run_dir)
+        stages = resolve_stages(spec)
+        labels = None
+        for index, stage in enumerate(stages):
+            entry, splits = stage_splits(stage, split_cache, notes)
+            if index == 0:
+                labels = splits[3]
+            elif splits[3] != labels and entry.model_task != "causal_lm":
+                raise ConfigError(f"stage {stage.name!r} has other labels ({splits[3]}) than the first stage "
+                                  f"({labels}); stages share one classification head")
+        model_task = registry.get_objective(stages[0].objective.name).model_task
+        model_key = f"{spec.model.name}/{spec.model.seed}/{model_task}/{labels}"
+        if model_key not in base_cache:
+            base_cache[model_key] = load_model(spec, model_task, labels, progress=progress)
+        base, tokenizer = base_cache[model_key]
+        for stage in stages:
+            collate_key = f"{model_key}/{stage.objective.model_dump_json()}/{stage.data.model_dump_json()}"
+            if collate_key not in seen_collate:
+                seen_collate.add(collate_key)
+                _check_collate(stage, split_cache, tokenizer, labels)
+        methods = [(spec.method, "default")] + [(s.method, s.name) for s in stages if s.method is not None]
+        method_key = f"{model_key}/" + json.dumps([(m.name, m.options, a) for m, a in methods], sort_keys=True, default=str)
+        if method_key not in seen_methods:
+            _check_prompt_length(base, methods, max(s.data.max_length for s in stages))
+            model = copy.deepcopy(base)
+            for method, adapter_name in methods:
+                model = apply_method(model, method, model_task, adapter_name)
+            seen_methods.add(method_key)
+
+
+def _check_collate(stage: Stage, split_cache: dict, tokenizer, labels) -> None:
+    """The stage's objective can collate its training and test records (wrong record kinds fail here)."""
+    _, (train_records, _, test_records, _) = stage_splits(stage, split_cache)
+    objective = registry.build_objective(stage.objective.name, stage.objective.options)
+    collate = objective.collator(tokenizer, labels, max_length=stage.data.max_length, template=stage.data.template)
+    for name, records in (("training", train_records), ("test", test_records)):
+        try:
+            collate(list(records[:2]))
+        except TunelabError as error:
+            raise DataError(f"stage {stage.name!r}: objective {stage.objective.name!r} cannot use the {name} "
+                            f"records: {error}") from None
+        except (KeyError, TypeError, ValueError) as error:
+            kinds = sorted({str(r.get("kind", "?")) for r in records})
+            raise DataError(f"stage {stage.name!r}: objective {stage.objective.name!r} cannot use {name} records of "
+                            f"kind {', '.join(kinds)} ({type(error).__name__}: {error}); choose an objective for "
+                            "this data or map its columns") from None
+
+
+def _check_prompt_length(model, methods, max_length: int) -> None:
+    """Virtual tokens (prompt/prefix tuning) plus the longest sequence must fit the model's positions."""
+    from tunelab.eval.generate import position_limit
+
+    limit = position_limit(model)
+    for method, _ in methods:
+        for option in PROMPT_OPTIONS:
+            value = method.options.get(option)
+            if isinstance(value, int) and limit is not None and value + max_length > limit:
+                raise ConfigError(f"method {method.name!r}: {option}={value} plus data.max_length={max_length} "
+                                  f"exceeds the model's {limit} positions; use {option} <= {max(limit - max_length, 1)}")
