@@ -365,3 +365,43 @@ def test_disable_dropout_lasts_for_its_own_stage_only(tmp_path, small_model_dir,
         "  - {name: sft2, objective: sft, data: {tasks: [qa]}}\n")
     run_experiment(load_spec(config), progress=False, isolate=False)
     assert seen == [("SFTObjective", [0.1]), ("DPOObjective", [0.0]), ("SFTObjective", [0.1])]
+
+
+def test_a_run_resumed_after_its_reward_stage_gets_the_reward_model_back(tmp_path, small_model_dir):
+    """SFT, a reward model on its own adapter stacked on that policy, then SFT on a new adapter: killed after the
+    reward stage, the
+    resumed cell restores the reward head and takes the reward adapter off again (same scores as straight),
+    and the cell's outputs hold a reward model that RewardModel.load scores with."""
+    import shutil
+
+    from tunelab.align import RewardModel
+    from tunelab.experiments.runner import run_cell
+    from tunelab.experiments.spec import expand_grid, validate
+
+    lora = {"name": "lora", "options": {"r": 2, "target_modules": ["q_proj", "v_proj"]}}
+    raw = {"name": "rm", "output_dir": str(tmp_path), "model": {"name": str(small_model_dir)}, "method": lora,
+           "data": {"tasks": ["qa"], "domain": "medical", "train_size": 8, "eval_size": 0, "test_size": 4,
+                    "max_length": 64},
+           "train": {"max_steps": 2, "batch_size": 4, "learning_rate": 3e-2, "save_every": None, "log_every": 1},
+           "eval": {"max_new_tokens": 2, "latency_batches": 0},
+           "stages": [{"name": "policy", "objective": "sft"},
+                      {"name": "rm", "objective": "reward", "method": lora, "data": {"tasks": ["preference"]}},
+                      {"name": "sft", "objective": "sft", "method": lora}]}
+    cell = expand_grid(validate(raw))[0]
+    straight = run_cell(cell, tmp_path / "straight", progress=False)
+    partial = tmp_path / "partial"
+    run_cell(cell, partial, progress=False)
+    for path in (partial / ".work" / cell.run_id).glob("*-2*"):  # the run died in stage 3
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = run_cell(cell, partial, progress=False)
+    assert resumed["stage_matrix"]["metrics"] == straight["stage_matrix"]["metrics"]
+    assert [h.get("loss") for h in resumed["history"]] == [h.get("loss") for h in straight["history"]]
+    assert resumed["outputs"]["reward_model"] == f"adapters/{cell.run_id}/reward"
+    reward_dirs = [run / "adapters" / cell.run_id / "reward" for run in (tmp_path / "straight", partial)]
+    assert json.loads((reward_dirs[0] / "reward_model.json").read_text())["trained"] == ["rm"]
+    scores = []
+    for directory in reward_dirs:
+        loaded = RewardModel.load(directory)
+        ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+        scores.append(loaded.score(ids, torch.ones_like(ids)))
+    assert torch.equal(scores[0], scores[1])

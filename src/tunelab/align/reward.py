@@ -22,6 +22,7 @@ head and the base model's name) for PPO / GRPO's ``reward: model``; :class:`Rewa
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,8 @@ from tunelab.utils import atomic_write_json
 
 HEAD = "reward"
 REWARD_MODEL_CONFIG = "reward_model.json"
+REWARD_FOLDER = "reward"  # save_outputs: the reward model, beside the cell's adapters
+DETACHED_FOLDER = "detached"  # ... and the stage's own adapter when on_stage_end took it off the model
 
 
 class RewardOptions(ObjectiveConfig):
@@ -73,6 +76,7 @@ class RewardObjective(BaseObjective):
         self.active: list[str] = []  # adapters active while the reward model trained
         self.trained: list[str] = []  # adapters this stage trained
         self.detached: tempfile.TemporaryDirectory | None = None  # its own adapter, taken off after the stage
+        self.snapshot: tempfile.TemporaryDirectory | None = None  # the whole reward model when it was taken off
 
     def make_collator(self, tokenizer: Any, labels: list[str] | None, max_length: int = 256,
                       template: str = "plain", **_: Any) -> Callable:
@@ -130,15 +134,56 @@ class RewardObjective(BaseObjective):
 
     def on_stage_end(self, model: nn.Module, records: Sequence[Any]) -> None:
         if self.config.save_dir:
-            save_reward_model(model, self.ensure_heads(model), self.config.save_dir)
+            save_reward_model(model, self.ensure_heads(model), self.config.save_dir, trained=self.trained)
         others = [a for a in tuners.adapters(model) if a not in self.trained]
         if self.trained and others:  # a reward adapter stacked on the policy: take it off
+            self.snapshot = tempfile.TemporaryDirectory(prefix="tunelab-reward-model-")
+            save_reward_model(model, self.ensure_heads(model), self.snapshot.name, trained=self.trained)
             self.detached = tempfile.TemporaryDirectory(prefix="tunelab-reward-")
             tuners.save(model, self.detached.name, adapter_names=self.trained)
-            previous = [a for a in tuners.active_adapters(model) if a not in self.trained]
-            for name in self.trained:
-                tuners.delete_adapter(model, name)
-            tuners.set_active(model, previous or others)
+            self._take_off(model)
+
+    def _take_off(self, model: nn.Module) -> None:
+        """Delete the stage's own adapters; the policy's adapters that were active stay active."""
+        previous = [a for a in tuners.active_adapters(model) if a not in self.trained]
+        others = [a for a in tuners.adapters(model) if a not in self.trained]
+        for name in self.trained:
+            tuners.delete_adapter(model, name)
+        tuners.set_active(model, previous or others)
+
+    def save_outputs(self, model: nn.Module, directory: Path) -> dict[str, Path]:
+        """The reward model in ``directory/reward`` (adapters, head, ``reward_model.json``; load it with
+        :meth:`RewardModel.load` or use it as PPO / GRPO's ``reward_model``). When the stage took its own
+        adapter off the policy, the model as it was then, plus that adapter alone in ``detached/`` (what
+        :meth:`load_outputs` needs to take it off again in a resumed run)."""
+        if self.heads is None:
+            return {}
+        folder = Path(directory) / REWARD_FOLDER
+        if folder.exists():
+            shutil.rmtree(folder)
+        if self.snapshot is None:
+            save_reward_model(model, self.heads, folder, trained=self.trained)
+        else:
+            shutil.copytree(self.snapshot.name, folder)
+            shutil.copytree(self.detached.name, folder / DETACHED_FOLDER)
+        return {"reward_model": folder}
+
+    def load_outputs(self, model: nn.Module, directory: Path) -> None:
+        """A finished reward stage of a resumed run: its head back, and its own adapter taken off again (kept
+        aside for :meth:`evaluate`) exactly as :meth:`on_stage_end` left it."""
+        folder = Path(directory) / REWARD_FOLDER
+        if not (folder / REWARD_MODEL_CONFIG).is_file():
+            return
+        record = json.loads((folder / REWARD_MODEL_CONFIG).read_text())
+        self.heads = load_heads(self.ensure_heads(model), folder)
+        self.active, self.trained = record["active"], record.get("trained", [])
+        if (folder / DETACHED_FOLDER).is_dir():
+            self.snapshot = tempfile.TemporaryDirectory(prefix="tunelab-reward-model-")
+            shutil.copytree(folder, self.snapshot.name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(DETACHED_FOLDER))
+            self.detached = tempfile.TemporaryDirectory(prefix="tunelab-reward-")
+            shutil.copytree(folder / DETACHED_FOLDER, self.detached.name, dirs_exist_ok=True)
+            self._take_off(model)
 
     def _attached(self, model: nn.Module):
         """Context: the reward model's adapters on and active (re-loaded when the stage took them off)."""
@@ -162,15 +207,18 @@ class RewardObjective(BaseObjective):
         return attach()
 
 
-def save_reward_model(model: nn.Module, heads: TaskHeads, directory: str | Path) -> Path:
-    """Adapters (active ones), the reward head and ``reward_model.json`` (base model, active adapters)."""
+def save_reward_model(model: nn.Module, heads: TaskHeads, directory: str | Path,
+                      trained: Sequence[str] = ()) -> Path:
+    """Adapters (active ones), the reward head and ``reward_model.json`` (base model, active adapters, the
+    adapters the reward stage trained)."""
     directory = Path(directory)
     active = tuners.active_adapters(model)
     if active:
         tuners.save(model, directory, adapter_names=active)
     save_heads(heads, directory)
     base = getattr(getattr(model, "config", None), "name_or_path", None)
-    atomic_write_json(directory / REWARD_MODEL_CONFIG, {"base": base, "active": active, "head": HEAD})
+    atomic_write_json(directory / REWARD_MODEL_CONFIG, {"base": base, "active": active, "head": HEAD,
+                                                        "trained": list(trained)})
     return directory
 
 
