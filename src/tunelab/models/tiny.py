@@ -294,8 +294,13 @@ def corpus_fingerprint(spec: TinySpec, seed: int = 0) -> str:
     Shipped weights record it: when the world's generator changes, the fingerprint changes and the
     weights no longer describe the world (a test compares the two).
     """
+    return _fingerprint(_corpora(spec, seed))
+
+
+def _fingerprint(corpora: tuple[list[str], ...]) -> str:
+    """SHA-256 of already built corpora (what :func:`corpus_fingerprint` hashes; no second build)."""
     digest = hashlib.sha256()
-    for docs in _corpora(spec, seed):
+    for docs in corpora:
         for doc in docs:
             digest.update(doc.encode())
             digest.update(b"\0")
@@ -322,7 +327,8 @@ def pretrain(name: str = "tiny-llama", home: Path | None = None, seed: int = 0, 
     spec = PRESETS[name]
     started = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    pretrain_docs, heldout_docs, tokenizer_docs = _corpora(spec, seed)
+    corpora = _corpora(spec, seed)
+    pretrain_docs, heldout_docs, tokenizer_docs = corpora
     tokenizer = train_tokenizer(tokenizer_docs, spec.vocab_size)
     train_blocks, train_labels = pack_documents(pretrain_docs, tokenizer, spec.block_size)
     heldout_blocks = pack_blocks(heldout_docs, tokenizer, spec.block_size)
@@ -341,7 +347,7 @@ def pretrain(name: str = "tiny-llama", home: Path | None = None, seed: int = 0, 
 
     report = {
         "name": name, "seed": seed, "spec": asdict(spec), "steps": result.steps,
-        "corpus_fingerprint": corpus_fingerprint(spec, seed),
+        "corpus_fingerprint": _fingerprint(corpora),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_tokens": int(result.steps * spec.batch_size * spec.block_size),
         "final_train_loss": result.history[-1]["loss"] if result.history else None,
@@ -376,10 +382,10 @@ def ship(name: str, home: Path | None = None) -> Path:
     spec = PRESETS[name]
     model = LlamaForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    _, heldout_docs, _ = _corpora(spec, 0)
+    corpora = _corpora(spec, 0)
     rounded = LlamaForCausalLM.from_pretrained(source, dtype=torch.bfloat16).float()
-    report["heldout_perplexity_bf16"] = model_perplexity(rounded, pack_blocks(heldout_docs, tokenizer, spec.block_size))
-    report["corpus_fingerprint"] = corpus_fingerprint(spec, 0)
+    report["heldout_perplexity_bf16"] = model_perplexity(rounded, pack_blocks(corpora[1], tokenizer, spec.block_size))
+    report["corpus_fingerprint"] = _fingerprint(corpora)
     _write_atomically(WEIGHTS_DIR / name, model, tokenizer, report)
     return WEIGHTS_DIR / name
 
