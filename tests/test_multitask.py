@@ -86,13 +86,16 @@ def test_mixed_batch_layout_and_span_labels(backbone, records):
     assert text.strip() == record["answers"]["text"][0]
 
 
-@pytest.mark.parametrize("method, options", [("lora", {"r": 4, "target_modules": "all-linear"}),
-                                              ("bottleneck", {})])
-def test_per_row_routing_equals_each_row_alone(method, options):
+@pytest.mark.parametrize("method, options, b_rank", [
+    ("lora", {"r": 4, "target_modules": "all-linear"}, None),  # one rank: the gathered, batched path
+    ("lora", {"r": 4, "target_modules": "all-linear"}, 2),  # two ranks: per chain on its rows
+    ("bottleneck", {}, None)])
+def test_per_row_routing_equals_each_row_alone(method, options, b_rank):
     model = testing.tiny_llama(0)
     tuners.apply(model, method, adapter_name="shared", **options)
     for name in ("a", "b"):
-        tuners.add_adapter(model, tuners.adapters(model)["shared"], name)
+        config = tuners.adapters(model)["shared"]
+        tuners.add_adapter(model, config.model_copy(update={"r": b_rank}) if name == "b" and b_rank else config, name)
     with torch.no_grad():  # adapters start as no-ops; make each one different
         for parameter in model.parameters():
             if parameter.requires_grad:

@@ -20,7 +20,10 @@ How the code maps to it: the context temporarily sets an instance ``forward`` on
 (nothing in ``tunelab.tuners`` is edited) and removes it on exit, even if the forward raises.
 Fast paths read the layers' public per-adapter parameters:
 
-- LoRA (``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``): ``Δ_n(x) = s_n B_n A_n drop_n(x)``;
+- LoRA (``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``): ``Δ_n(x) = s_n B_n A_n drop_n(x)``. When
+  the adapters share one rank and have no active dropout, their factors are stacked and every row's
+  ``(A, B, s)`` gathered, so all chains run in two batched matmuls per chain position (no per-chain
+  row selection, whose backward scatters into full-size zeros); otherwise per chain on its rows;
 - bottleneck adapters (``adapters[n]`` on the sub-layer output ``h``): ``Δ_n(h) = adapter_n(h)``.
 
 Any other wrapper (DoRA, (IA)³, Compacter, ...) falls back to running the whole wrapped layer once per
@@ -55,20 +58,67 @@ def _rows(rows: list[int], device: torch.device) -> torch.Tensor:
 
 def _lora_forward(layer: nn.Module, groups: dict, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     result = layer.base_layer(x, *args, **kwargs)  # (B, ..., out)
+    chains = {chain: [n for n in chain if n in layer.lora_A and n not in layer.merged_adapters] for chain in groups}
+    if len(groups) > 1 and _stackable(layer, chains):
+        return _lora_gathered(layer, groups, chains, x, result)
+    out = None  # one copy of the base output, whose rows each chain overwrites in place
     for chain, rows in groups.items():
-        names = [n for n in chain if n in layer.lora_A and n not in layer.merged_adapters]
+        names = chains[chain]
         if not names:
             continue
-        index = _rows(rows, x.device)
-        xs = x.index_select(0, index)
-        part = result.index_select(0, index)
-        start = part
-        for name in names:
+        if len(groups) == 1:
+            x_rows, part = x, result
+        else:
+            index = _rows(rows, x.device)
+            x_rows, part = x.index_select(0, index), result.index_select(0, index)
+        for name in names:  # the arithmetic of a LoRA layer run on these rows alone, term by term
             lora_A = layer.lora_A[name]
-            hidden = lora_A(layer.lora_dropout[name](xs.to(lora_A.weight.dtype)))  # (n, ..., r)
+            hidden = lora_A(layer.lora_dropout[name](x_rows.to(lora_A.weight.dtype)))  # (n, ..., r)
             part = torch.add(part, layer.lora_B[name](hidden).to(part.dtype), alpha=layer.scaling[name])
-        result = result.index_add(0, index, part - start) if len(groups) > 1 else part
-    return result
+        if len(groups) == 1:
+            return part
+        if out is None:
+            out = result.clone()
+        out.index_copy_(0, index, part)
+    return result if out is None else out
+
+
+def _stackable(layer: nn.Module, chains: dict) -> bool:
+    """Every adapter the chains use here has one rank and no active dropout: their factors stack."""
+    names = {n for names in chains.values() for n in names}
+    ranks = {layer.lora_A[n].weight.shape[0] for n in names}
+    dropout_free = all(isinstance(layer.lora_dropout[n], nn.Identity) or not layer.training for n in names)
+    return len(ranks) == 1 and dropout_free
+
+
+def _lora_gathered(layer: nn.Module, groups: dict, chains: dict, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """All chains at once: per chain position k, each row's (A, B, s) gathered from the stacked adapters,
+
+        y_b += s_{n_bk} B_{n_bk} A_{n_bk} x_b      (two batched matmuls; rows without a k-th adapter add 0)
+
+    instead of two small matmuls per chain on index-selected rows (whose backward scatters into full-size
+    zero tensors): the mixed-task step then costs about what a one-task step costs."""
+    names = sorted({n for names in chains.values() for n in names})
+    slot = {name: i for i, name in enumerate(names)}  # len(names) = the zero adapter
+    weight_A = torch.stack([layer.lora_A[n].weight for n in names])  # (N, r, in)
+    weight_B = torch.stack([layer.lora_B[n].weight for n in names])  # (N, out, r)
+    zero_A, zero_B = weight_A.new_zeros(1, *weight_A.shape[1:]), weight_B.new_zeros(1, *weight_B.shape[1:])
+    weight_A, weight_B = torch.cat([weight_A, zero_A]), torch.cat([weight_B, zero_B])
+    scaling = torch.tensor([float(layer.scaling[n]) for n in names] + [0.0], dtype=result.dtype, device=x.device)
+    batch = x.shape[0]
+    row_chain = [None] * batch
+    for chain, rows in groups.items():
+        for row in rows:
+            row_chain[row] = chains[chain]
+    flat = x.reshape(batch, -1, x.shape[-1]).to(weight_A.dtype)  # (B, L, in)
+    out = result.reshape(batch, -1, result.shape[-1])  # (B, L, out)
+    for position in range(max(len(c) for c in row_chain)):
+        ids = torch.tensor([slot[c[position]] if position < len(c) else len(names) for c in row_chain],
+                           device=x.device)
+        hidden = torch.bmm(flat, weight_A[ids].transpose(1, 2))  # (B, L, r)
+        scaled_B = weight_B[ids] * scaling[ids].view(batch, 1, 1).to(weight_B.dtype)  # (B, out, r): s folded in
+        out = torch.baddbmm(out, hidden.to(out.dtype), scaled_B.transpose(1, 2).to(out.dtype))  # out + s B A x
+    return out.reshape(result.shape)
 
 
 def _bottleneck_forward(layer: nn.Module, groups: dict, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
