@@ -191,6 +191,8 @@ def test_tiny_two_stage_run_with_replay_writes_the_stage_matrix(small_model_dir,
     assert any("ce_replay" in event for event in results[0]["history"] if event.get("stage") == "medical")
     report = (tmp_path / "cl" / "report.md").read_text()
     assert "Continual learning" in report and "forgetting" in report
+    page = (tmp_path / "cl" / "report.html").read_text()
+    assert "Continual learning" in page and 'alt="stage_matrix"' in page
     assert json.loads((tmp_path / "cl" / "results" / f"{results[0]['run_id']}.json").read_text())["stage_matrix"]
 
 

@@ -304,3 +304,4 @@ grid:
     assert any("kd" in event for event in distilled["history"])
     report = (run_dir / "report.md").read_text()
     assert "## Distillation" in report and "labels-only" in report
+    assert "<h2>Distillation" in (run_dir / "report.html").read_text()

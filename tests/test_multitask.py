@@ -277,6 +277,8 @@ def test_tunelab_run_two_tasks_with_single_task_baselines(tmp_path, small_model_
     assert any({"qa/score", "domain/score"} <= set(m) for m in metrics)
     report = (tmp_path / "runs" / "mt" / "report.md").read_text()
     assert "Multi-task vs single-task" in report and "Δp" in report
+    page = (tmp_path / "runs" / "mt" / "report.html").read_text()  # the HTML report has the section too
+    assert "Multi-task vs single-task</h2>" in page and "Δp" in page and "<table>" in page
 
 
 def test_conll_squad_and_task_manifest_formats(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tunelab.distill import report as distill_report
 from tunelab.errors import DataError
-from tunelab.experiments import analysis, report_baselines, report_stages, rundir
+from tunelab.experiments import analysis, markdown_html, report_baselines, report_stages, rundir
 from tunelab.experiments.plots import ci95, figure_png, score_axis
 from tunelab.multitask import report as multitask_report
 from tunelab.utils import atomic_write_text
@@ -230,11 +230,8 @@ def _html(name, rows, results, notes, loss_png, quality_png, stage_md="", stage_
             "–" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}")) + "</tr>"
         for r in rows)
     note_items = "".join(f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in notes.splitlines())
-    stages_html = ""
-    if stage_png is not None:
-        tables = "".join(f"<pre>{html.escape(block)}</pre>" for block in stage_md.split("\n\n") if block.startswith("|"))
-        stages_html = f"<h2>Stages</h2><p>Score after each stage (rows) on each stage's test data (columns).</p>{tables}" \
-                      f"{image(stage_png, 'stage matrix')}"
+    # the family sections (stages, distillation, baselines, multi-task) as the markdown report has them
+    sections_html = markdown_html.to_html(stage_md, {"stage_matrix": stage_png})
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>tunelab: {html.escape(name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
@@ -244,6 +241,6 @@ td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
 {len(results)} run(s).</p>
 <h2>Results</h2><table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>{_failed_html(list(failed))}
 <h2>Plots</h2>{image(loss_png, 'loss curves')}{image(quality_png, 'quality vs trainable parameters')}
-{stages_html}
+{sections_html}
 <h2>Methods</h2><ul>{note_items}</ul></body></html>
 """
