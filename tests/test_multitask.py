@@ -328,3 +328,40 @@ def test_a_run_resumed_after_its_first_stage_gets_that_stages_heads_back(tmp_pat
     assert [e.get("loss") for e in resumed["history"]] == [e.get("loss") for e in straight["history"]]
     saved = json.loads((tmp_path / "partial" / "adapters" / cell.run_id / "heads" / "heads.json").read_text())
     assert sorted(saved["heads"]) == ["domain", "ner", "qa"]
+
+
+def _fake_result(trained, seed, size, scores):
+    tasks = [{"name": name} for name in ("qa", "ner")]
+    options = {"tasks": tasks, "train_tasks": trained if len(trained) == 1 else None}
+    run_id = f"lora-n{size}-s{seed}-train_tasks{trained[0] if len(trained) == 1 else 'None'}"
+    return {"run_id": run_id, "seed": seed, "train_size": 2 * size,
+            "data_sizes": {"train_requested": size},
+            "config": {"objective": {"name": "multitask", "options": options}},
+            "metrics": {f"{t}/score": scores[t] for t in trained}}
+
+
+def test_report_section_has_data_efficiency_curves_and_a_transfer_heatmap():
+    """Single vs multi at two sizes and two seeds: the efficiency table holds each mean ± CI, the section links
+    both figures, and the figures are real PNGs."""
+    from tunelab.experiments.plots import ci95
+    from tunelab.multitask import report
+
+    results = []
+    for seed, noise in ((0, 0.0), (1, 0.02)):
+        for size, base in ((10, 0.2), (100, 0.6)):
+            results += [_fake_result(["qa"], seed, size, {"qa": base + noise}),
+                        _fake_result(["ner"], seed, size, {"ner": base + 0.1 + noise}),
+                        _fake_result(["qa", "ner"], seed, size, {"qa": base + 0.05 + noise, "ner": base + noise})]
+    curves = report.efficiency(results)
+    assert curves["qa"]["single-task"] == {10: [0.2, 0.22], 100: [0.6, 0.62]}
+    assert curves["qa"]["lora-train_tasksNone"][10] == pytest.approx([0.25, 0.27])
+    section = report.markdown_section(results)
+    assert "### Data efficiency" in section and "![data efficiency](plots/multitask_efficiency.png)" in section
+    assert f"| single-task | 0.210 ± {ci95([0.2, 0.22]):.3f} | 0.610 ± {ci95([0.6, 0.62]):.3f} |" in section
+    assert "![transfer matrix](plots/multitask_transfer.png)" in section
+    pngs = report.plots(results)
+    assert set(pngs) == {"multitask_efficiency", "multitask_transfer"}
+    assert all(png.startswith(b"\x89PNG") and len(png) > 5000 for png in pngs.values())
+    one_size = [r for r in results if r["data_sizes"]["train_requested"] == 100]
+    assert "Data efficiency" not in report.markdown_section(one_size)  # a curve needs two sizes
+    assert set(report.plots(one_size)) == {"multitask_transfer"}

@@ -165,6 +165,10 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if stage_png is not None:
         (plots / "stage_matrix.png").write_bytes(stage_png)
         stage_md += "![stage matrix](plots/stage_matrix.png)\n\n"
+    section_pngs = {"stage_matrix": stage_png, **multitask_report.plots(results)}  # what stage_md links to
+    for plot_name, png in section_pngs.items():
+        if png is not None:
+            (plots / f"{plot_name}.png").write_bytes(png)
     analysis_md, analysis_html = analysis.report_section(run_dir, results, rows)  # written analysis + Pareto plots
     first = results[0]
     markdown = (
@@ -179,7 +183,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         f"`{first.get('git_sha') or 'n/a'}`\n"
     )
     atomic_write_text(run_dir / "report.md", markdown)
-    html_text = _html(name, rows, results, notes, loss_png, quality_png, stage_md, stage_png, failed)
+    html_text = _html(name, rows, results, notes, loss_png, quality_png, stage_md, section_pngs, failed)
     atomic_write_text(run_dir / "report.html", html_text.replace("<h2>Methods</h2>", analysis_html + "<h2>Methods</h2>", 1))
     return run_dir / "report.md", run_dir / "report.html"
 
@@ -216,7 +220,7 @@ def _write_failures_only(run_dir: Path, failed: list[dict]) -> tuple[Path, Path]
     return run_dir / "report.md", run_dir / "report.html"
 
 
-def _html(name, rows, results, notes, loss_png, quality_png, stage_md="", stage_png=None, failed=()) -> str:
+def _html(name, rows, results, notes, loss_png, quality_png, stage_md="", section_pngs=None, failed=()) -> str:
     def image(png: bytes, alt: str) -> str:
         return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -231,7 +235,7 @@ def _html(name, rows, results, notes, loss_png, quality_png, stage_md="", stage_
         for r in rows)
     note_items = "".join(f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in notes.splitlines())
     # the family sections (stages, distillation, baselines, multi-task) as the markdown report has them
-    sections_html = markdown_html.to_html(stage_md, {"stage_matrix": stage_png})
+    sections_html = markdown_html.to_html(stage_md, section_pngs)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>tunelab: {html.escape(name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
