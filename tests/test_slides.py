@@ -151,3 +151,19 @@ def test_slides_render_in_chromium_and_print_to_pdf(tmp_path):
     assert distinct_colours(html_path, tmp_path / "slides.png") > 100
     assert pdf_path is not None and pdf_path.read_bytes()[:5] == b"%PDF-"
     assert pdf_path.read_bytes().count(b"/Type /Page") - pdf_path.read_bytes().count(b"/Type /Pages") >= 10
+
+
+def test_console_table_gives_the_95_percent_interval_like_the_report(tmp_path):
+    """The CLI's results table and report.md print the same 'mean ± 95% CI' (not ± the standard deviation)."""
+    from rich.console import Console
+
+    from tunelab.cli import _results_table
+    from tunelab.experiments.plots import ci95
+
+    run_dir = fake_run(tmp_path / "run")
+    results = [json.loads(p.read_text()) for p in sorted((run_dir / "results").glob("*.json"))]
+    console = Console(width=200, record=True)
+    console.print(_results_table(results))
+    text = console.export_text()
+    lora = next(m for m in METHODS if m[0] == "lora")[4]
+    assert "95% CI" in text and f"± {ci95(list(lora)):.4f}" in text

@@ -32,11 +32,13 @@ def packaged_config(name: str) -> Path:
 def _results_table(results: list[dict]) -> Table:
     from tunelab.experiments.report import summarize
 
-    table = Table(title="Held-out results")
+    rows = summarize(results)
+    seeded = any(row["seeds"] > 1 for row in rows)  # as in report.md: mean ± half-width of the 95% CI
+    table = Table(title="Held-out results" + (" (mean ± 95% CI over seeds)" if seeded else ""))
     for column in ("method", "train size", "score", "trainable params", "% of model", "train s", "peak RSS MB"):
         table.add_column(column, justify="left" if column == "method" else "right")
-    for row in summarize(results):
-        score = f"{row['score']:.4f}" + (f" ± {row['score_std']:.4f}" if row["seeds"] > 1 else "")
+    for row in rows:
+        score = f"{row['score']:.4f}" + (f" ± {row['score_ci95']:.4f}" if row["seeds"] > 1 else "")
         table.add_row(row["method"], str(row["train_size"]), score, f"{row['trainable_parameters']:,}",
                       f"{row['trainable_percent']:.2f}", f"{row['train_seconds']:.0f}", f"{row['peak_memory_mb']:.0f}")
     return table
