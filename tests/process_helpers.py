@@ -1,8 +1,19 @@
-"""Finding the runner's cell subprocesses of a run (Linux: reads /proc), for the Ctrl-C and kill tests."""
+"""Helpers of the runner's CLI tests: run ``tunelab`` in-process and capture it; find a run's cell
+subprocesses (Linux: reads /proc) for the Ctrl-C and kill tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from tunelab.cli import main
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of ``tunelab ARGS`` run in this process."""
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def cell_processes(run_dir: Path) -> list[int]:

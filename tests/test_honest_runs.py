@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from process_helpers import cell_processes
+from process_helpers import cli as _cli
 
-from tunelab.cli import main
 from tunelab.errors import ConfigError
 
 CONFIG = ("name: exp\noutput_dir: {runs}\nmodel: {{name: '{model}'}}\n"
@@ -29,13 +29,6 @@ def _config(tmp: Path, model: Path, steps: int = 2, save_every: str = "null", ru
     path = tmp / f"exp-{runs}.yaml"
     path.write_text(CONFIG.format(runs=tmp / runs, model=model, steps=steps, save_every=save_every))
     return path
-
-
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _process(*args: str, **kwargs) -> subprocess.Popen:

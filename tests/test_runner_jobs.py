@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from process_helpers import cell_processes
+from process_helpers import cli as _cli
 from rich.console import Console
 
-from tunelab.cli import main
 from tunelab.experiments import jobs
 
 # Two LoRA cells. With lora_alpha 1e30 and no gradient clipping, the first update throws the output to
@@ -37,13 +37,6 @@ def _config(tmp: Path, model: Path, runs: str = "runs", alpha: str = "16.0", ste
     path = tmp / f"exp-{runs}.yaml"
     path.write_text(CONFIG.format(runs=tmp / runs, model=model, alpha=alpha, steps=steps, save_every=save_every))
     return path
-
-
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_two_jobs_give_the_results_of_one(tmp_path, small_model_dir, monkeypatch):
