@@ -2,8 +2,8 @@
 
 The multi-task issue asks that mixing tasks in one batch (``switching: example``) costs at most 15%
 more per training step than a batch of one task. On the shipped ``tiny-llama`` with LoRA r 16 on all
-linear layers and the four tasks of ``configs/multitask.yaml`` (summarization on the LM head, NER,
-extractive QA and urgency on their own heads; ``max_length`` 160), one optimizer step is timed on
+linear layers and four built-in medical tasks (summarization on the LM head, NER, extractive QA and
+urgency on their own heads; ``max_length`` 160), one optimizer step is timed on
 
 - a **mixed** batch of 16 rows, 4 per task, and
 - a **single-task** batch of 16 rows for each task,
