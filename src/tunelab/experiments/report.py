@@ -10,7 +10,6 @@ of their own.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import statistics
@@ -163,7 +162,6 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     stage_md += report_baselines.markdown_section(results)  # untuned / majority baselines, flags, samples
     stage_md += multitask_report.markdown_section(results)  # single vs multi-task per task, Δp (tunelab.multitask)
     if stage_png is not None:
-        (plots / "stage_matrix.png").write_bytes(stage_png)
         stage_md += "![stage matrix](plots/stage_matrix.png)\n\n"
     section_pngs = {"stage_matrix": stage_png, **multitask_report.plots(results)}  # what stage_md links to
     for plot_name, png in section_pngs.items():
@@ -221,9 +219,6 @@ def _write_failures_only(run_dir: Path, failed: list[dict]) -> tuple[Path, Path]
 
 
 def _html(name, rows, results, notes, loss_png, quality_png, stage_md="", section_pngs=None, failed=()) -> str:
-    def image(png: bytes, alt: str) -> str:
-        return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
     header = ["method", "train size", "seeds", "score", "trainable params", "% of model", "train s", "tokens/s",
               "peak RSS MB", "latency ms"]
     body = "".join(
@@ -244,7 +239,7 @@ td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
 <p>Model <code>{html.escape(results[0]['model'])}</code>, objective <code>{html.escape(results[0]['objective'])}</code>,
 {len(results)} run(s).</p>
 <h2>Results</h2><table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>{_failed_html(list(failed))}
-<h2>Plots</h2>{image(loss_png, 'loss curves')}{image(quality_png, 'quality vs trainable parameters')}
+<h2>Plots</h2>{markdown_html.image('loss curves', loss_png)}{markdown_html.image('quality vs trainable parameters', quality_png)}
 {sections_html}
 <h2>Methods</h2><ul>{note_items}</ul></body></html>
 """
