@@ -149,3 +149,16 @@ def test_tiny_tokenizer_gives_a_word_the_same_tokens_after_a_newline():
     assert tokenizer("Question?\nnausea", add_special_tokens=False)["input_ids"][-len(inside):] == inside
     value = tokenizer("100 mg", add_special_tokens=False)["input_ids"]
     assert tokenizer("contains 100 mg", add_special_tokens=False)["input_ids"][-len(value):] == value
+
+
+def test_a_cache_from_another_spec_is_stale(tmp_path):
+    """An upgraded tunelab must not silently keep the weights an older preset made."""
+    target = tiny.cache_dir("tiny-llama", home=tmp_path)
+    target.mkdir(parents=True)
+    spec = json.loads(json.dumps(dataclasses.asdict(tiny.PRESETS["tiny-llama"])))
+    (target / "pretrain.json").write_text(json.dumps({"spec": spec | {"steps": 1000}}))
+    assert not tiny.is_cached("tiny-llama", home=tmp_path)
+    (target / "pretrain.json").write_text(json.dumps({"spec": spec}))
+    assert tiny.is_cached("tiny-llama", home=tmp_path)
+    (target / "pretrain.json").write_text("{not json")
+    assert not tiny.is_cached("tiny-llama", home=tmp_path)

@@ -133,15 +133,17 @@ class RewardObjective(BaseObjective):
         return {"accuracy": accuracy, "margin": sum(margins) / len(margins), "score": accuracy}
 
     def on_stage_end(self, model: nn.Module, records: Sequence[Any]) -> None:
-        if self.config.save_dir:
-            save_reward_model(model, self.ensure_heads(model), self.config.save_dir, trained=self.trained)
         others = [a for a in tuners.adapters(model) if a not in self.trained]
         if self.trained and others:  # a reward adapter stacked on the policy: take it off
             self.snapshot = tempfile.TemporaryDirectory(prefix="tunelab-reward-model-")
             save_reward_model(model, self.ensure_heads(model), self.snapshot.name, trained=self.trained)
+            if self.config.save_dir:  # the same files: copied, not written a second time
+                shutil.copytree(self.snapshot.name, self.config.save_dir, dirs_exist_ok=True)
             self.detached = tempfile.TemporaryDirectory(prefix="tunelab-reward-")
             tuners.save(model, self.detached.name, adapter_names=self.trained)
             self._take_off(model)
+        elif self.config.save_dir:
+            save_reward_model(model, self.ensure_heads(model), self.config.save_dir, trained=self.trained)
 
     def _take_off(self, model: nn.Module) -> None:
         """Delete the stage's own adapters; the policy's adapters that were active stay active."""
