@@ -83,12 +83,13 @@ def quickstart(
     overrides: Annotated[list[str] | None, typer.Argument(help="Optional key=value overrides.")] = None,
     in_process: Annotated[bool, typer.Option(help="Run cells in this process (faster start, shared memory peak).")] = False,
 ) -> None:
-    """Pretrain tiny-llama if needed, fine-tune full vs LoRA on the medical domain, report."""
+    """Pretrain tiny-llama if needed, fine-tune full vs LoRA (DoRA) on the medical domain, report."""
     results = _run(packaged_config("quickstart"), overrides or [], in_process)
     scores = {r["method_label"]: r["metrics"]["score"] for r in results}
-    if "full" in scores and "lora" in scores and scores["full"] > 0:
-        console.print(f"LoRA reaches {100 * scores['lora'] / scores['full']:.1f}% of full fine-tuning's held-out "
-                      f"score ({scores['lora']:.4f} vs {scores['full']:.4f}).")
+    full = scores.pop("full", None)
+    for label, score in scores.items() if full else ():
+        console.print(f"{label} reaches {100 * score / full:.1f}% of full fine-tuning's held-out "
+                      f"score ({score:.4f} vs {full:.4f}).")
 
 
 @app.command()
