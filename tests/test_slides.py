@@ -79,6 +79,21 @@ def test_report_gets_the_analysis_and_pareto_plots(tmp_path):
     assert '<section id="analysis">' in page and page.count("data:image/png;base64,") >= 4
 
 
+def test_cells_scored_on_different_tasks_are_not_ranked_against_each_other(tmp_path):
+    """Single-task baselines of a multi-task study: a NER F1 of 0.99 is not 'better' than a QA score."""
+    run_dir = fake_run(tmp_path / "run")
+    for path in (run_dir / "results").glob("*.json"):  # ia3 now scores another task than full and lora
+        record = json.loads(path.read_text())
+        task = "ner" if record["method"] == "ia3" else "qa"
+        record["metrics"] = {"score": record["metrics"]["score"], f"{task}/score": record["metrics"]["score"]}
+        path.write_text(json.dumps(record))
+    results = [json.loads(p.read_text()) for p in sorted((run_dir / "results").glob("*.json"))]
+    section = analysis.markdown_section(results, summarize(results))
+    assert "### 100 training examples, scored on qa" in section and "**Best score: full**" in section
+    assert "not ranked" in section and "ia3 (ner)" in section
+    assert "→ **ia3**" not in section  # not on a frontier it does not share
+
+
 def test_score_axis_of_pareto_plots_starts_at_zero(tmp_path, monkeypatch):
     seen = []
     real = analysis.score_axis

@@ -83,39 +83,28 @@ def markdown_section(results: list[dict], rows: list[dict]) -> str:
              "against each cost: with at most that cost, that method scores best. *Tied* means the 95% "
              "confidence intervals over seeds overlap, so the data cannot rank those methods.", ""]
     named: set[str] = set()
+    tasks_of = {r["method_label"]: frozenset(k.split("/", 1)[0] for k in (r.get("metrics") or {}) if "/" in k)
+                for r in results}
     for size in sorted({r["train_size"] for r in rows}):
-        group = [r for r in rows if r["train_size"] == size]
-        best, tied = ties(group)
-        if best is None:
+        by_tasks: dict[frozenset, list[dict]] = {}
+        for row in rows:
+            if row["train_size"] == size:
+                by_tasks.setdefault(tasks_of.get(row["method"], frozenset()), []).append(row)
+        if len(by_tasks) == 1:  # every cell scored on the same test data: one ranking
+            lines += _size_section(f"### {size} training examples", next(iter(by_tasks.values())), named)
             continue
-        named.add(best["method"])
-        lines += [f"### {size} training examples", "",
-                  f"**Best score: {best['method']}** ({_score(best)}, {best['trainable_parameters']:,} trainable "
-                  f"parameters, {best['peak_memory_mb']:.0f} MB peak, {best['train_seconds']:.0f} s)."]
-        if best["seeds"] < 2:
-            lines.append("Single seed: no confidence intervals, so no difference here can be called significant; "
-                         "add seeds (grid.seeds) before drawing conclusions.")
-        elif tied:
-            named.update(r["method"] for r in tied)
-            lines.append("Statistically tied with it (overlapping 95% CIs): "
-                         + ", ".join(f"{r['method']} ({_score(r)})" for r in tied) + ".")
-        else:
-            lines.append("Its 95% CI does not overlap any other method's: the lead is significant at this size.")
-        lines.append("")
-        for cost, label, fmt in COSTS:
-            front = frontier(group, cost)
-            if len(front) < 1:
+        # cells scored on different tasks (e.g. single-task baselines) have no common scale: rank only
+        # cells scored on the same tasks, and say which ones are left unranked
+        alone = []
+        for tasks, group in sorted(by_tasks.items(), key=lambda item: sorted(item[0])):
+            if len(group) < 2:
+                alone += [f"{row['method']} ({', '.join(sorted(tasks)) or 'score'})" for row in group]
                 continue
-            steps = "; ".join(f"≤ {fmt.format(r[cost])} → **{r['method']}** ({_score(r)})" for r in front)
-            lines.append(f"- Budget in {label}: {steps}.")
-            named.update(r["method"] for r in front)
-        cheapest = min(group, key=lambda r: r["trainable_parameters"])
-        if cheapest is not best and best["score"] > 0:
-            lines.append(f"- {cheapest['method']} trains {cheapest['trainable_parameters']:,} parameters "
-                         f"({best['trainable_parameters'] / max(cheapest['trainable_parameters'], 1):,.0f}x fewer "
-                         f"than {best['method']}) and reaches {100 * cheapest['score'] / best['score']:.0f}% "
-                         "of its score.")
-        lines.append("")
+            lines += _size_section(f"### {size} training examples, scored on {', '.join(sorted(tasks))}", group, named)
+        if alone:
+            lines += [f"### {size} training examples: not ranked", "",
+                      "Each of these cells is scored on other test data than every other cell (its tasks in "
+                      "parentheses), so their scores are not comparable: " + "; ".join(alone) + ".", ""]
     why = [(label, _method_notes(label, method_of)) for label in sorted(named)]
     why = [(label, note) for label, note in why if note]
     if why:
@@ -125,6 +114,42 @@ def markdown_section(results: list[dict], rows: list[dict]) -> str:
     lines += ["![quality vs peak memory](plots/pareto_memory.png)", "",
               "![quality vs train time](plots/pareto_time.png)", ""]
     return "\n".join(lines) + "\n"
+
+
+def _size_section(heading: str, group: list[dict], named: set[str]) -> list[str]:
+    """Best score, ties and best per budget among cells scored on the same test data."""
+    best, tied = ties(group)
+    if best is None:
+        return []
+    named.add(best["method"])
+    lines = [heading, "",
+             f"**Best score: {best['method']}** ({_score(best)}, {best['trainable_parameters']:,} trainable "
+             f"parameters, {best['peak_memory_mb']:.0f} MB peak, {best['train_seconds']:.0f} s)."]
+    if best["seeds"] < 2:
+        lines.append("Single seed: no confidence intervals, so no difference here can be called significant; "
+                     "add seeds (grid.seeds) before drawing conclusions.")
+    elif tied:
+        named.update(r["method"] for r in tied)
+        lines.append("Statistically tied with it (overlapping 95% CIs): "
+                     + ", ".join(f"{r['method']} ({_score(r)})" for r in tied) + ".")
+    else:
+        lines.append("Its 95% CI does not overlap any other method's: the lead is significant at this size.")
+    lines.append("")
+    for cost, label, fmt in COSTS:
+        front = frontier(group, cost)
+        if len(front) < 1:
+            continue
+        steps = "; ".join(f"≤ {fmt.format(r[cost])} → **{r['method']}** ({_score(r)})" for r in front)
+        lines.append(f"- Budget in {label}: {steps}.")
+        named.update(r["method"] for r in front)
+    cheapest = min(group, key=lambda r: r["trainable_parameters"])
+    if cheapest is not best and best["score"] > 0:
+        lines.append(f"- {cheapest['method']} trains {cheapest['trainable_parameters']:,} parameters "
+                     f"({best['trainable_parameters'] / max(cheapest['trainable_parameters'], 1):,.0f}x fewer "
+                     f"than {best['method']}) and reaches {100 * cheapest['score'] / best['score']:.0f}% "
+                     "of its score.")
+    lines.append("")
+    return lines
 
 
 def plot_pareto(rows: list[dict], cost: str, label: str) -> bytes:
