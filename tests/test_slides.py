@@ -92,6 +92,13 @@ def test_cells_scored_on_different_tasks_are_not_ranked_against_each_other(tmp_p
     assert "### 100 training examples, scored on qa" in section and "**Best score: full**" in section
     assert "not ranked" in section and "ia3 (ner)" in section
     assert "→ **ia3**" not in section  # not on a frontier it does not share
+    from tunelab.experiments import slides
+
+    rows = summarize(results)
+    assert all("(qa)" in item and "ia3" not in item for item in slides._ties(rows) + slides._tradeoffs(rows))
+    assert "<b>full</b>" in slides._recommendation(rows)[0]
+    apart = [{**row, "metrics": {f"{row['method']}/score": row["score"]}} for row in rows]  # every cell its own task
+    assert "different tasks" in slides._recommendation(apart)[0] and "different tasks" in slides._ties(apart)[0]
 
 
 def test_score_axis_of_pareto_plots_starts_at_zero(tmp_path, monkeypatch):

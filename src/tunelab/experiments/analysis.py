@@ -58,6 +58,34 @@ def ties(rows: list[dict]) -> tuple[dict | None, list[dict]]:
     return best, tied
 
 
+def task_set(row: dict) -> frozenset[str]:
+    """The tasks a row's score covers (the prefixes of its ``task/metric`` keys; empty for one task)."""
+    return frozenset(key.split("/", 1)[0] for key in row.get("metrics") or {} if "/" in key)
+
+
+def comparable_groups(rows: list[dict]) -> list[tuple[int, frozenset[str], list[dict]]]:
+    """Rows that may be ranked against each other: the same training size *and* scored on the same tasks.
+
+    Single-task baselines of a multi-task study each score a different task, so one's NER F1 is not
+    better than another's QA exact match; every ranking (best, ties, frontiers, recommendation) works
+    inside one of these groups. Returns ``(train_size, tasks, rows)`` sorted by size, then tasks."""
+    groups: dict[tuple[int, frozenset[str]], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["train_size"], task_set(row)), []).append(row)
+    return [(size, tasks, group) for (size, tasks), group in sorted(groups.items(), key=lambda i: (i[0][0], sorted(i[0][1])))]
+
+
+def ranked_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """``(caption, rows)`` for each group worth ranking: the only group of its size, or one with >= 2 rows."""
+    out = []
+    for size, tasks, group in comparable_groups(rows):
+        split = sum(1 for n, _, _ in comparable_groups(rows) if n == size) > 1
+        if split and len(group) < 2:
+            continue
+        out.append((f"n={size}" + (f" ({', '.join(sorted(tasks))})" if split else ""), group))
+    return out
+
+
 def _method_notes(label: str, results_by_label: dict[str, str]) -> str:
     from tunelab.tuners import registry
 
@@ -83,20 +111,13 @@ def markdown_section(results: list[dict], rows: list[dict]) -> str:
              "against each cost: with at most that cost, that method scores best. *Tied* means the 95% "
              "confidence intervals over seeds overlap, so the data cannot rank those methods.", ""]
     named: set[str] = set()
-    tasks_of = {r["method_label"]: frozenset(k.split("/", 1)[0] for k in (r.get("metrics") or {}) if "/" in k)
-                for r in results}
     for size in sorted({r["train_size"] for r in rows}):
-        by_tasks: dict[frozenset, list[dict]] = {}
-        for row in rows:
-            if row["train_size"] == size:
-                by_tasks.setdefault(tasks_of.get(row["method"], frozenset()), []).append(row)
-        if len(by_tasks) == 1:  # every cell scored on the same test data: one ranking
-            lines += _size_section(f"### {size} training examples", next(iter(by_tasks.values())), named)
+        groups = [(tasks, group) for n, tasks, group in comparable_groups(rows) if n == size]
+        if len(groups) == 1:  # every cell scored on the same test data: one ranking
+            lines += _size_section(f"### {size} training examples", groups[0][1], named)
             continue
-        # cells scored on different tasks (e.g. single-task baselines) have no common scale: rank only
-        # cells scored on the same tasks, and say which ones are left unranked
         alone = []
-        for tasks, group in sorted(by_tasks.items(), key=lambda item: sorted(item[0])):
+        for tasks, group in groups:
             if len(group) < 2:
                 alone += [f"{row['method']} ({', '.join(sorted(tasks)) or 'score'})" for row in group]
                 continue
@@ -160,10 +181,11 @@ def plot_pareto(rows: list[dict], cost: str, label: str) -> bytes:
             for row in group:
                 axis.errorbar(row[cost], row["score"], yerr=row["score_ci95"] or None, fmt="o", capsize=3,
                               label=f"{row['method']} (n={size})")
-            front = frontier(group, cost)
-            if len(front) > 1:
-                axis.plot([r[cost] for r in front], [r["score"] for r in front], color="grey", linewidth=1,
-                          linestyle=":")
+            for _size, _tasks, same in comparable_groups(group):  # a frontier only joins comparable cells
+                front = frontier(same, cost)
+                if len(front) > 1:
+                    axis.plot([r[cost] for r in front], [r["score"] for r in front], color="grey", linewidth=1,
+                              linestyle=":")
         values = [r[cost] for r in rows if _finite(r.get(cost)) and r[cost] > 0]
         if values and max(values) / min(values) > 20:
             axis.set_xscale("log")

@@ -84,34 +84,38 @@ def _results_table(rows: list[dict]) -> str:
 
 def _tradeoffs(rows: list[dict]) -> list[str]:
     items = []
-    for size in sorted({r["train_size"] for r in rows}):
-        group = [r for r in rows if r["train_size"] == size]
+    for caption, group in analysis.ranked_groups(rows):
         for cost, label, fmt in analysis.COSTS:
             front = analysis.frontier(group, cost)
             steps = " → ".join(f"<b>{html.escape(r['method'])}</b> (≤ {fmt.format(r[cost])})" for r in front)
-            items.append(f"n={size}, {label}: {steps}")
+            items.append(f"{html.escape(caption)}, {label}: {steps}")
     return items
 
 
 def _ties(rows: list[dict]) -> list[str]:
     items = []
-    for size in sorted({r["train_size"] for r in rows}):
-        best, tied = analysis.ties([r for r in rows if r["train_size"] == size])
+    for caption, group in analysis.ranked_groups(rows):
+        best, tied = analysis.ties(group)
+        caption = html.escape(caption)
         if best is None:
             continue
         if best["seeds"] < 2:
-            items.append(f"n={size}: {html.escape(best['method'])} leads, but with one seed no difference is significant")
+            items.append(f"{caption}: {html.escape(best['method'])} leads, but with one seed no difference is significant")
         elif tied:
-            items.append(f"n={size}: {html.escape(best['method'])} is tied with "
+            items.append(f"{caption}: {html.escape(best['method'])} is tied with "
                          f"{html.escape(', '.join(r['method'] for r in tied))} (overlapping 95% CIs)")
         else:
-            items.append(f"n={size}: {html.escape(best['method'])} leads; its 95% CI overlaps no other method's")
-    return items
+            items.append(f"{caption}: {html.escape(best['method'])} leads; its 95% CI overlaps no other method's")
+    return items or ["The cells are scored on different tasks (e.g. single-task baselines): no common ranking"]
 
 
 def _recommendation(rows: list[dict]) -> list[str]:
     largest = max(r["train_size"] for r in rows)
-    group = [r for r in rows if r["train_size"] == largest]
+    groups = [group for caption, group in analysis.ranked_groups(rows) if group[0]["train_size"] == largest]
+    if not groups:
+        return ["The cells are scored on different tasks (e.g. single-task baselines), so no one of them can be "
+                "recommended over another: compare each task's scores in the report."]
+    group = max(groups, key=len)
     best, tied = analysis.ties(group)
     if best is None:
         return ["No finished results to recommend from."]
