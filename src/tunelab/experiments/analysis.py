@@ -19,6 +19,7 @@ Pareto plots (quality vs peak memory, vs train time) start their quality axis at
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 from tunelab.experiments import markdown_html
@@ -75,16 +76,13 @@ def comparable_groups(rows: list[dict]) -> list[tuple[int, frozenset[str], list[
     return [(size, tasks, group) for (size, tasks), group in sorted(groups.items(), key=lambda i: (i[0][0], sorted(i[0][1])))]
 
 
-def ranked_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
-    """``(caption, rows)`` for each group worth ranking: the only group of its size, or one with >= 2 rows."""
-    out = []
-    for size, tasks, group in comparable_groups(rows):
-        split = sum(1 for n, _, _ in comparable_groups(rows) if n == size) > 1
-        if split and len(group) < 2:
-            continue
-        out.append((f"n={size}" + (f" ({', '.join(sorted(tasks))})" if split else ""), group))
-    return out
-
+def ranked_groups(rows: list[dict]) -> list[tuple[int, frozenset[str], bool, list[dict]]]:
+    """``(train_size, tasks, split, rows)`` for each group worth ranking: the only group of its size, or
+    one with >= 2 rows when its size is split over several task sets (``split``: say which tasks)."""
+    groups = comparable_groups(rows)
+    per_size = Counter(size for size, _, _ in groups)
+    return [(size, tasks, per_size[size] > 1, group) for size, tasks, group in groups
+            if per_size[size] == 1 or len(group) >= 2]
 
 def _method_notes(label: str, results_by_label: dict[str, str]) -> str:
     from tunelab.tuners import registry
@@ -111,17 +109,15 @@ def markdown_section(results: list[dict], rows: list[dict]) -> str:
              "against each cost: with at most that cost, that method scores best. *Tied* means the 95% "
              "confidence intervals over seeds overlap, so the data cannot rank those methods.", ""]
     named: set[str] = set()
+    ranked = ranked_groups(rows)
     for size in sorted({r["train_size"] for r in rows}):
-        groups = [(tasks, group) for n, tasks, group in comparable_groups(rows) if n == size]
-        if len(groups) == 1:  # every cell scored on the same test data: one ranking
-            lines += _size_section(f"### {size} training examples", groups[0][1], named)
-            continue
-        alone = []
-        for tasks, group in groups:
-            if len(group) < 2:
-                alone += [f"{row['method']} ({', '.join(sorted(tasks)) or 'score'})" for row in group]
-                continue
-            lines += _size_section(f"### {size} training examples, scored on {', '.join(sorted(tasks))}", group, named)
+        for n, tasks, split, group in ranked:
+            if n == size:
+                scored_on = f", scored on {', '.join(sorted(tasks))}" if split else ""
+                lines += _size_section(f"### {size} training examples{scored_on}", group, named)
+        ranked_ids = {id(row) for n, _, _, group in ranked if n == size for row in group}
+        alone = [f"{row['method']} ({', '.join(sorted(task_set(row))) or 'score'})"
+                 for row in rows if row["train_size"] == size and id(row) not in ranked_ids]
         if alone:
             lines += [f"### {size} training examples: not ranked", "",
                       "Each of these cells is scored on other test data than every other cell (its tasks in "

@@ -82,21 +82,27 @@ def _results_table(rows: list[dict]) -> str:
     return f"<table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>"
 
 
+def _caption(size: int, tasks: frozenset[str], split: bool) -> str:
+    """``n=SIZE``, plus the tasks when cells of that size are scored on several task sets."""
+    return html.escape(f"n={size}" + (f" ({', '.join(sorted(tasks))})" if split else ""))
+
+
 def _tradeoffs(rows: list[dict]) -> list[str]:
     items = []
-    for caption, group in analysis.ranked_groups(rows):
+    for size, tasks, split, group in analysis.ranked_groups(rows):
+        caption = _caption(size, tasks, split)
         for cost, label, fmt in analysis.COSTS:
             front = analysis.frontier(group, cost)
             steps = " → ".join(f"<b>{html.escape(r['method'])}</b> (≤ {fmt.format(r[cost])})" for r in front)
-            items.append(f"{html.escape(caption)}, {label}: {steps}")
+            items.append(f"{caption}, {label}: {steps}")
     return items
 
 
 def _ties(rows: list[dict]) -> list[str]:
     items = []
-    for caption, group in analysis.ranked_groups(rows):
+    for size, tasks, split, group in analysis.ranked_groups(rows):
         best, tied = analysis.ties(group)
-        caption = html.escape(caption)
+        caption = _caption(size, tasks, split)
         if best is None:
             continue
         if best["seeds"] < 2:
@@ -111,7 +117,7 @@ def _ties(rows: list[dict]) -> list[str]:
 
 def _recommendation(rows: list[dict]) -> list[str]:
     largest = max(r["train_size"] for r in rows)
-    groups = [group for caption, group in analysis.ranked_groups(rows) if group[0]["train_size"] == largest]
+    groups = [group for size, _, _, group in analysis.ranked_groups(rows) if size == largest]
     if not groups:
         return ["The cells are scored on different tasks (e.g. single-task baselines), so no one of them can be "
                 "recommended over another: compare each task's scores in the report."]
