@@ -79,3 +79,36 @@ def test_bad_values_are_rejected():
         validate({"name": "../escape"})
     with pytest.raises(ConfigError, match="objective"):
         validate({"name": "x", "objective": "telepathy"})
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "tiny-llama" in p.read_text()], ids=lambda p: p.stem)
+def test_every_method_of_a_shipped_tiny_llama_config_applies(path, small_model_dir):
+    """Each method entry (and stage method) of a shipped config builds on a causal LM of the tiny-llama
+    family, as the runner's preflight would: a config that cannot start is a bug we ship (P-Tuning v2
+    without modules_to_save once asked a causal LM for a classification head)."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.experiments import registry
+    from tunelab.experiments.preflight import apply_method
+    from tunelab.experiments.spec import resolve_stages
+
+    # tiny-llama's family at width 128, so that width-dependent options (Compacter's PHM) divide as there
+    config = AutoConfig.from_pretrained(small_model_dir)
+    config.update({"hidden_size": 128, "intermediate_size": 256, "head_dim": 32})
+    base = AutoModelForCausalLM.from_config(config)
+    seen = set()
+    for cell in expand_grid(load_spec(path)):
+        stages = resolve_stages(cell.spec)
+        if registry.get_objective(stages[0].objective.name).model_task != "causal_lm":
+            continue
+        methods = [(cell.spec.method, "default")] + [(s.method, s.name) for s in stages if s.method is not None]
+        key = repr([(m.name, sorted(m.options.items(), key=str), name) for m, name in methods])
+        if key in seen:
+            continue
+        seen.add(key)
+        model = copy.deepcopy(base)
+        for method, name in methods:
+            model = apply_method(model, method, "causal_lm", name)
+        assert any(p.requires_grad for p in model.parameters()), f"{path.stem}: {key} trains nothing"

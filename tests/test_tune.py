@@ -121,6 +121,54 @@ def test_equal_budget_gives_every_method_the_same_trials(tmp_path, small_model_d
     assert (tmp_path / "runs" / "equal-best" / "report.md").is_file()
 
 
+def test_a_relative_learning_rate_scales_each_methods_own_rate(tmp_path, small_model_dir):
+    """relative: true samples a factor; each method's cell runs at factor x its own rate, trial 0 at x1."""
+    extra = ("search:\n  metric: eval_loss\n  direction: minimize\n  per_method: true\n  params:\n"
+             "    train.learning_rate: {type: float, low: 0.25, high: 4.0, log: true, relative: true}\n"
+             "grid: {methods: [{name: lora, train: {learning_rate: 2.0e-3}}, "
+             "{name: ia3, train: {learning_rate: 3.0e-2}}], seeds: [0]}\n")
+    spec = load_spec(write_spec(tmp_path, small_model_dir, name="relative", extra=extra))
+    outcome = tune(spec, trials=2, compare=False)
+    for label, own in (("lora", 2e-3), ("ia3", 3e-2)):
+        trials = outcome.studies[label].trials
+        assert trials[0].params == {"train.learning_rate": 1.0}  # trial 0: the method's own rate
+        for trial in trials:
+            factor = trial.params["train.learning_rate"]
+            assert 0.25 <= factor <= 4.0
+            ran = trial.user_attrs["values"]["train.learning_rate"]
+            assert ran == pytest.approx(factor * own)
+            record = json.loads((spec.run_dir / "trials" / f"{trial.user_attrs['run_id']}.json").read_text())
+            assert record["config"]["train"]["learning_rate"] == pytest.approx(ran)
+    best = load_spec(outcome.best_yaml)
+    rates = {m.name: m.train["learning_rate"] for m in best.grid.methods}
+    for label, study in outcome.studies.items():  # best.yaml holds the absolute rate, not the factor
+        assert rates[label] == pytest.approx(study.best_trial.user_attrs["values"]["train.learning_rate"])
+    assert "of each method's own value" in (spec.run_dir / "tune_report.md").read_text()
+
+
+def test_a_relative_key_the_spec_gives_no_value_is_a_one_line_error(tmp_path, small_model_dir):
+    from tunelab.errors import ConfigError
+
+    extra = ("search:\n  params:\n    method.options.lora_dropout: {type: float, low: 0.5, high: 2.0, "
+             "relative: true}\n")
+    spec = load_spec(write_spec(tmp_path, small_model_dir, name="norel", extra=extra))
+    with pytest.raises(ConfigError, match="relative"):
+        tune(spec, trials=1)
+    bad = "search:\n  params:\n    method.options.r: {type: int, low: 1, high: 4, relative: true}\n"
+    with pytest.raises(ConfigError, match="float"):
+        load_spec(write_spec(tmp_path, small_model_dir, name="relint", extra=bad))
+
+
+def test_a_method_that_cannot_apply_fails_before_any_trial(tmp_path, small_model_dir, capsys):
+    """P-Tuning v2 wants a classification head a causal LM lacks: one line, no trial, no traceback."""
+    extra = SEARCH + "  per_method: true\ngrid: {methods: [{name: lora}, {name: p_tuning_v2}], seeds: [0]}\n"
+    config = write_spec(tmp_path, small_model_dir, name="noapply", extra=extra)
+    assert main(["tune", str(config), "--trials", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "p_tuning_v2" in err[0] and "modules_to_save" in err[0]
+    assert not (tmp_path / "runs" / "noapply" / "trials").exists()
+
+
 def test_a_spec_without_search_is_a_one_line_error(tmp_path, small_model_dir, capsys):
     config = write_spec(tmp_path, small_model_dir, name="plain", extra="")
     assert main(["tune", str(config), "--trials", "1"]) == 2

@@ -12,6 +12,8 @@ search:
     method.options.r: {type: int, low: 2, high: 16, log: true}
     method.options.lora_dropout: {type: float, low: 0.0, high: 0.2}
     method.options.target_modules: {type: categorical, choices: [all-linear, [q_proj, v_proj]]}
+    # relative: low/high are factors of the value the spec gives the key for each tuned method
+    # train.learning_rate: {type: float, low: 0.25, high: 4.0, log: true, relative: true}
   pruning: {warmup_steps: 0, startup_trials: 2}
   per_method: false        # true: every method of grid.methods gets `trials` trials (equal budget)
 ```
@@ -39,9 +41,13 @@ class ParamSpace(_Section):
     log: bool = Field(False, description="Sample on a log scale (low must be > 0).")
     step: float | None = Field(None, gt=0, description="Grid step (not with log).")
     choices: list[Any] | None = Field(None, min_length=1, description="Values of a categorical parameter.")
+    relative: bool = Field(False, description="low/high are factors of the value the spec gives this key for the "
+                           "tuned method (a float range around each method's own setting; trial 0 is factor 1).")
 
     @model_validator(mode="after")
     def _consistent(self) -> ParamSpace:
+        if self.relative and self.type != "float":
+            raise ValueError("relative: true needs a float range (a factor of the method's own value)")
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("a categorical parameter needs 'choices'")

@@ -125,8 +125,8 @@ def sample(trial, space: dict[str, ParamSpace]) -> dict[str, Any]:
     return values
 
 
-def defaults(spec: ExperimentSpec, target: Target, space: dict[str, ParamSpace]) -> dict[str, Any]:
-    """The values the spec itself gives the searched keys (trial 0); keys without one are left to the sampler."""
+def spec_values(spec: ExperimentSpec, target: Target, space: dict[str, ParamSpace]) -> dict[str, Any]:
+    """The values the spec itself gives the searched keys for ``target`` (keys without one are left out)."""
     from tunelab.tuners import registry
 
     cell_spec = cell_for(spec, target, {}, "default").spec
@@ -135,23 +135,54 @@ def defaults(spec: ExperimentSpec, target: Target, space: dict[str, ParamSpace])
     options = registry.build_config(cell_spec.method.name, cell_spec.method.options)
     raw["method"]["options"] = {**options.model_dump(mode="json"), **raw["method"]["options"]}
     values = {}
-    for key, dist in space.items():
+    for key in space:
         node: Any = raw
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            continue
-        values[key] = _encode(node) if dist.type == "categorical" else node
+        if node is not None:
+            values[key] = node
     return values
+
+
+def defaults(spec: ExperimentSpec, target: Target, space: dict[str, ParamSpace]) -> dict[str, Any]:
+    """Trial 0: the spec's own values (factor 1 for a relative key); keys without one are left to the sampler."""
+    values = {}
+    for key, node in spec_values(spec, target, space).items():
+        dist = space[key]
+        values[key] = 1.0 if dist.relative else _encode(node) if dist.type == "categorical" else node
+    return values
+
+
+def relative_bases(spec: ExperimentSpec, target: Target, space: dict[str, ParamSpace]) -> dict[str, float]:
+    """The value each relative key's factor multiplies: the spec's own value for the target's method."""
+    keys = [key for key, dist in space.items() if dist.relative]
+    if not keys:
+        return {}
+    found = spec_values(spec, target, {key: space[key] for key in keys})
+    bases = {}
+    for key in keys:
+        base = found.get(key)
+        if not isinstance(base, int | float) or isinstance(base, bool) or base == 0:
+            raise ConfigError(f"search.params.{key} is relative, but the spec gives {key} no non-zero number for "
+                              f"method {target.label!r} (got {base!r}); set one (e.g. in its grid.methods entry) "
+                              "or drop relative: true")
+        bases[key] = float(base)
+    return bases
+
+
+def absolute(params: dict[str, Any], bases: dict[str, float]) -> dict[str, Any]:
+    """Sampled values with every relative factor turned into the value it stands for (factor × base)."""
+    return {key: value * bases[key] if key in bases else value for key, value in params.items()}
 
 
 def check_space(spec: ExperimentSpec, target: Target, space: dict[str, ParamSpace]) -> None:
     """Every searched key, at its low and high end (and every choice), gives a valid spec: typos fail now."""
+    bases = relative_bases(spec, target, space)
     ends = [{k: (d.choices[0] if d.type == "categorical" else d.low) for k, d in space.items()},
             {k: (d.choices[-1] if d.type == "categorical" else d.high) for k, d in space.items()}]
     for values in ends:
         values = {k: int(v) if space[k].type == "int" else v for k, v in values.items()}
-        cell_for(spec, target, values, "search-check")
+        cell_for(spec, target, absolute(values, bases), "search-check")
 
 
 class EvalReporter:
@@ -240,6 +271,7 @@ def run_trials(spec: ExperimentSpec, target: Target, trials: int, storage: str, 
     search = spec.search
     space = applicable(search.params, target.method)
     check_space(spec, target, space)
+    bases = relative_bases(spec, target, space)
     run_dir = spec.run_dir
     study = open_study(search, target.study_name, storage, spec.train.seed)
     if not study.trials:
@@ -247,9 +279,10 @@ def run_trials(spec: ExperimentSpec, target: Target, trials: int, storage: str, 
         study.enqueue_trial(defaults(spec, target, space), user_attrs={"default": True}, skip_if_exists=True)
 
     def objective(trial) -> float:
-        params = sample(trial, space)
+        params = absolute(sample(trial, space), bases)
         run_id = spec_module.clean_run_id(f"{target.label}-trial{trial.number:03d}")
         trial.set_user_attr("run_id", run_id)
+        trial.set_user_attr("values", params)  # what the cell ran with (relative factors resolved)
         cell = cell_for(spec, target, params, run_id)
         _say(console, f"{target.study_name} trial {trial.number}: {_short(params)}")
         try:
@@ -275,7 +308,7 @@ def best_method(target: Target, study) -> MethodSpec:
     """The target's method entry with its best trial's values folded in (options, train, other overrides)."""
     best = study.best_trial
     options, train, overrides = dict(target.method.options), dict(target.method.train), dict(target.method.overrides)
-    for key, value in best.params.items():
+    for key, value in best.user_attrs.get("values", best.params).items():
         value = _decode(value)
         if key.startswith("method.options."):
             options[key.removeprefix("method.options.")] = value
@@ -334,6 +367,11 @@ def tune(spec: ExperimentSpec, trials: int, storage: str | None = None, study_na
     url = storage_url(spec, storage)
     outcome = TuneOutcome(run_dir=spec.run_dir)
     _check_keys_apply(spec)
+    from tunelab.experiments.preflight import preflight
+
+    # every target's own configuration must build (data, model, method options) before any trial runs:
+    # a user mistake is then one line, not a failed trial with Optuna's traceback
+    preflight([cell_for(spec, t, {}, "preflight") for t in targets(spec, per_method, study_name)], progress=progress)
     for target in targets(spec, per_method, study_name):
         outcome.studies[target.label] = run_trials(spec, target, trials, url, progress, console)
     finished = {label: study for label, study in outcome.studies.items() if _has_complete(study)}

@@ -122,6 +122,18 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _space_text(key: str, dist) -> str:
+    kind = dist.type + (", log" if dist.log else "")
+    if dist.relative:
+        kind += f", ×{dist.low:g}–{dist.high:g} of each method's own value"
+    return f"`{key}` ({kind})"
+
+
+def _values(trial) -> dict:
+    """What the trial's cell ran with: relative factors resolved (older studies: the sampled params)."""
+    return trial.user_attrs.get("values") or trial.params
+
+
 def _study_lines(label: str, study, metric: str) -> list[str]:
     lines = [f"### {label} (study `{study.study_name}`)", ""]
     states = _states(study)
@@ -132,7 +144,7 @@ def _study_lines(label: str, study, metric: str) -> list[str]:
         lines.append(f"Default configuration (trial {default.number}): {metric} = {default.value:.4f}.")
     if best is not None:
         lines.append(f"Best (trial {best.number}): {metric} = {best.value:.4f} with "
-                     + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in best.params.items()) + ".")
+                     + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in _values(best).items()) + ".")
         if default is not None and best.number != default.number:
             lines.append(f"Gain over the default: {best.value - default.value:+.4f}.")
     lines += ["", "| trial | state | " + metric + " | train s | params |", "|---:|---|---:|---:|---|"]
@@ -142,7 +154,7 @@ def _study_lines(label: str, study, metric: str) -> list[str]:
             step, reported = max(trial.intermediate_values.items())
             value = f"– (eval loss {abs(reported):.3f} at step {step})"
         seconds = trial.user_attrs.get("train_seconds")
-        params = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in trial.params.items())
+        params = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in _values(trial).items())
         lines.append(f"| {trial.number} | {trial.state.name.lower()} | {value} | "
                      f"{'–' if seconds is None else f'{seconds:.0f}'} | {params} |")
     found = importances(study)
@@ -164,8 +176,7 @@ def write(spec, studies: dict[str, Any], comparison: list[dict] | None = None) -
             (run_dir / "plots" / f"{name}.png").write_bytes(png)
     lines = [f"# Hyper-parameter search `{spec.name}`", "",
              f"Optuna TPE, median pruning on the eval loss; metric `{search.metric}` ({search.direction}). "
-             f"Search space: " + ", ".join(f"`{k}` ({v.type}{', log' if v.log else ''})"
-                                           for k, v in search.params.items()) + ". "
+             "Search space: " + ", ".join(_space_text(k, v) for k, v in search.params.items()) + ". "
              "Trial 0 of each study is the spec's own configuration; `method.options` keys that a method "
              "lacks are skipped for it.", ""]
     if len(studies) > 1:
