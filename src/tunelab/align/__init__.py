@@ -2,7 +2,9 @@
 
 Pure losses (TRL-parity tested) live in :mod:`tunelab.align.losses` and :mod:`tunelab.align.rl`; the
 objectives (``reward``, ``dpo``, ``kto``, ``ppo``, ``grpo``) run them on the shared training loop, with
-the reference made explicit by :class:`~tunelab.align.reference.Reference`. See ``docs/align.md``.
+the reference made explicit by :class:`~tunelab.align.reference.Reference`. Their evaluations share the
+held-out KL to the reference (:mod:`tunelab.align.kl`), which the report plots against reward
+(:mod:`tunelab.align.report`). See ``docs/align.md``.
 """
 
 from tunelab.align.dpo import DPOObjective, DPOOptions

@@ -23,6 +23,8 @@ gradient; the loss is :func:`tunelab.align.losses.dpo_loss` (TRL-parity tested).
 log-ratios must be 0 (the reference check), and every step logs TRL's metric names:
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
 ``logps/chosen``, ``logps/rejected`` and ``kl`` (the mean log π − log π_ref over both completions).
+``evaluate`` adds ``kl_ref``, the held-out KL(π ‖ π_ref) on the policy's own samples
+(:mod:`tunelab.align.kl`), which PPO and GRPO report too: the reward-vs-KL frontier's x axis.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class ReferenceOptions(ObjectiveConfig):
                                        "accepted at step 0; float32 noise is ~1e-5.")
     disable_dropout: bool = Field(True, description="Zero every dropout (TRL's default): the policy must equal the "
                                   "reference at step 0, and dropout noise would bias the log-ratios.")
+    eval_kl: bool = Field(True, description="Evaluate kl_ref: the mean over held-out prompts of the summed per-token "
+                          "KL(π ‖ π_ref) along one completion sampled from the policy (nats; the x axis of the "
+                          "report's reward-vs-KL frontier). Needs a reference.")
 
 
 class DPOOptions(ReferenceOptions):
@@ -160,13 +165,11 @@ class DPOObjective(BaseObjective):
         return evaluate_preferences(
             model, self.tokenizer, records, self.collate_fn, reference=self._eval_reference(model),
             template=self.template, generate=self.config.eval_generation, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, progress=progress)
+            batch_size=batch_size, progress=progress, kl=self.config.eval_kl)
 
     def _eval_reference(self, model: nn.Module) -> Reference | None:
         """The training reference when it is set up (after ``setup``); None before or when there is none."""
-        if self.reference.mode == "none" or (self.reference.mode != "base" and self.reference.snapshot is None):
-            return None
-        return self.reference
+        return self.reference if self.reference.ready else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"reference": self.reference.state_dict()}

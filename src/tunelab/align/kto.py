@@ -17,7 +17,8 @@ gradient and one of the mismatched rows without give the policy's summed log-pro
 (:class:`~tunelab.align.reference.Reference`) gives both without gradient, then
 :func:`~tunelab.align.losses.kto_kl_estimate` and :func:`~tunelab.align.losses.kto_loss` (TRL-parity
 tested). Evaluation on preference pairs is the ``dpo`` objective's (preference accuracy, greedy
-exact match).
+exact match, the held-out ``kl_ref`` of :mod:`tunelab.align.kl`); on unpaired records, the mean
+implicit reward per label and ``kl_ref`` on their distinct prompts.
 """
 
 from __future__ import annotations
@@ -126,12 +127,20 @@ class KTOObjective(BaseObjective):
                  progress: bool = False, **_: Any) -> dict[str, float]:
         """Preference metrics on held-out pairs (unpaired test records: the mean implicit reward by label)."""
         if records and all("chosen" in r and "rejected" in r for r in records):
-            ready = self.reference.mode == "base" or self.reference.snapshot is not None
             return evaluate_preferences(model, self.tokenizer, records, self.pair_collate,
-                                        reference=self.reference if ready else None,
+                                        reference=self.reference if self.reference.ready else None,
                                         template=self.template, generate=self.config.eval_generation,
-                                        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-        return self._unpaired_eval(model, records, batch_size)
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                                        kl=self.config.eval_kl)
+        result = self._unpaired_eval(model, records, batch_size)
+        if self.config.eval_kl and self.reference.ready and records:
+            from tunelab.align.kl import heldout_kl
+            from tunelab.eval.tasks import render
+
+            prompts = list(dict.fromkeys(render(r, self.template, self.tokenizer) for r in records))  # each once
+            result.update(heldout_kl(model, self.tokenizer, prompts, self.reference, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size))
+        return result
 
     @torch.no_grad()
     def _unpaired_eval(self, model: nn.Module, records: Sequence[Any], batch_size: int) -> dict[str, float]:

@@ -7,7 +7,8 @@
 and returns a (B, 4) table ``[chosen_sum, rejected_sum, chosen_mean, rejected_mean]``, one row per pair,
 so that a precomputed reference can cache it per record. :func:`evaluate_preferences` scores a policy
 on held-out pairs: how often it prefers the chosen answer (by log-probability and, with a reference,
-by implicit reward) and, for prompts with a known answer, how often greedy decoding produces it.
+by implicit reward), for prompts with a known answer how often greedy decoding produces it, and with a
+reference the held-out KL(π ‖ π_ref) on the policy's own samples (``kl_ref``, :mod:`tunelab.align.kl`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate_preferences(model: nn.Module, tokenizer: Any, records: Sequence[dict], collate: Any, *,
                          reference: Any = None, template: str = "plain", generate: bool = True,
-                         max_new_tokens: int = 32, batch_size: int = 16, progress: bool = False) -> dict[str, float]:
+                         max_new_tokens: int = 32, batch_size: int = 16, progress: bool = False,
+                         kl: bool = False) -> dict[str, float]:
     """Held-out preference metrics of ``model`` on preference records.
 
     Returns:
@@ -66,8 +68,11 @@ def evaluate_preferences(model: nn.Module, tokenizer: Any, records: Sequence[dic
         r_c > r_r, and the mean of r_c − r_r (β = 1); ``generation_exact_match`` and
         ``generation_rejected_rate`` (``generate``): greedy output equal to the chosen / the rejected
         answer (exact match after normalisation) — meaningful where chosen is *the* answer (the
-        built-in world); ``score`` = preference_accuracy.
+        built-in world); ``kl_ref`` (``kl`` and a reference): the mean over the held-out prompts of
+        Σ_t KL(π ‖ π_ref) along one completion sampled from the policy (:mod:`tunelab.align.kl`);
+        ``score`` = preference_accuracy.
     """
+    from tunelab.align.kl import heldout_kl
     from tunelab.eval import generate as generation
     from tunelab.eval import metrics
     from tunelab.eval.tasks import first_line, render
@@ -90,8 +95,11 @@ def evaluate_preferences(model: nn.Module, tokenizer: Any, records: Sequence[dic
         if reward_wins:
             result["reward_accuracy"] = sum(reward_wins) / len(reward_wins)
             result["reward_margin"] = sum(margins) / len(margins)
+        prompts = [render(r, template, tokenizer) for r in records]
+        if kl and reference is not None and reference.mode != "none":
+            result.update(heldout_kl(model, tokenizer, prompts, reference, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size))
         if generate:
-            prompts = [render(r, template, tokenizer) for r in records]
             outputs = [first_line(text) for text in generation.greedy(
                 model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)]
             result["generation_exact_match"] = metrics.exact_match(outputs, [r["chosen"] for r in records])

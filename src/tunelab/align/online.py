@@ -23,6 +23,9 @@ and β_KL follows the adaptive controller (:class:`~tunelab.align.rl.AdaptiveKLC
 are the tested functions of :mod:`tunelab.align.rl`; the reference is
 :class:`~tunelab.align.reference.Reference` (checked at the first rollout: KL must be 0).
 Under ``torch.no_grad`` (the loop's eval loss) ``loss()`` decodes greedily and returns −mean reward.
+``evaluate`` gives the greedy exact match (or mean reward-model score) on held-out prompts and, with
+a reference, ``kl_ref``: the held-out KL(π ‖ π_ref) on the policy's samples that ``dpo`` and ``kto``
+report too (:mod:`tunelab.align.kl`), so all of them land on one reward-vs-KL frontier.
 """
 
 from __future__ import annotations
@@ -134,16 +137,27 @@ class _OnlineObjective(BaseObjective):
         return LossOutput(-reward.mean().to(next(model.parameters()).device), {"reward": float(reward.mean())})
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, records: Sequence[Any], batch_size: int = 16, **_: Any) -> dict[str, float]:
-        """Greedy completions of held-out prompts: mean reward (= exact match with ``exact_match``)."""
-        rewards = []
+    def evaluate(self, model: nn.Module, records: Sequence[Any], batch_size: int = 16,
+                 max_new_tokens: int | None = None, **_: Any) -> dict[str, float]:
+        """Greedy completions of held-out prompts: mean reward (= exact match with ``exact_match``); with a
+        reference, ``kl_ref`` — the held-out KL(π ‖ π_ref) that ``dpo`` / ``kto`` report too
+        (:mod:`tunelab.align.kl`), over ``max_new_tokens`` (the eval section's; else the rollouts') tokens."""
+        rewards, prompts = [], []
         for start in range(0, len(records), batch_size):
             chunk = list(records[start : start + batch_size])
             batch = self.collate_fn(chunk)
+            prompts += batch["prompts"]
             rewards += self.score(self.rollout(model, batch, 1, 0.0), batch["answers"]).tolist()
         mean = sum(rewards) / len(rewards)
         key = "exact_match" if self.scorer is None else "reward"
-        return {key: mean, "score": mean}
+        result = {key: mean, "score": mean}
+        if self.config.eval_kl and self.reference.ready:
+            from tunelab.align.kl import heldout_kl
+
+            result.update(heldout_kl(unwrap_model(model), self.tokenizer, prompts, self.reference,
+                                     max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+                                     batch_size=batch_size))
+        return result
 
     def state_dict(self) -> dict[str, Any]:
         return {"reference": self.reference.state_dict()}

@@ -115,6 +115,12 @@ class Reference:
         self.cache: dict[str, torch.Tensor] = {}
         self.checked = False
 
+    @property
+    def ready(self) -> bool:
+        """Whether π_ref can run now: ``base`` always, ``sft_adapter`` / ``precomputed`` once ``setup`` took
+        their copy (an objective evaluated before training, e.g. the untuned baseline, has none yet)."""
+        return self.mode == "base" or (self.mode != "none" and self.snapshot is not None)
+
     def setup(self, model: nn.Module) -> None:
         """Take the frozen copy of the trainable tensors (``sft_adapter``; ``precomputed`` too, for records
         met only after training started, e.g. eval records)."""

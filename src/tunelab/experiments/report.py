@@ -3,7 +3,9 @@
 ``tunelab report runs/<name>`` rebuilds them at any time. Cells that share a method label are
 aggregated over seeds (mean ± the half-width of the 95% confidence interval, Student's t); plots are
 embedded as base64 PNG so the HTML is one file; quality axes start at 0. Each method used gets a short
-explanation of its math. Staged experiments get the cross-evaluation matrix (:mod:`report_stages`).
+explanation of its math. Staged experiments get the cross-evaluation matrix (:mod:`report_stages`);
+alignment cells with a held-out KL to their reference get the reward-vs-KL frontier
+(:mod:`tunelab.align.report`).
 Cells that failed (``failed/<run>.json``, see :mod:`tunelab.experiments.jobs`) are listed in a section
 of their own.
 """
@@ -16,6 +18,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from tunelab.align import report as align_report
 from tunelab.distill import report as distill_report
 from tunelab.errors import DataError
 from tunelab.experiments import analysis, markdown_html, report_baselines, report_stages, rundir
@@ -163,7 +166,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     stage_md += multitask_report.markdown_section(results)  # single vs multi-task per task, Δp (tunelab.multitask)
     if stage_png is not None:
         stage_md += "![stage matrix](plots/stage_matrix.png)\n\n"
-    section_pngs = {"stage_matrix": stage_png, **multitask_report.plots(results)}  # what stage_md links to
+    stage_md += align_report.markdown_section(results)  # reward vs KL to the reference, frontier (tunelab.align)
+    section_pngs = {"stage_matrix": stage_png, **multitask_report.plots(results),  # what stage_md links to
+                    **align_report.plots(results)}
     for plot_name, png in section_pngs.items():
         if png is not None:
             (plots / f"{plot_name}.png").write_bytes(png)
