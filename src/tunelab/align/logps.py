@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunelab.align.losses import sequence_logps
+from tunelab.align.losses import token_logps
 from tunelab.data.collate import IGNORE_INDEX, pad_right
 
 CHOSEN_SUM, REJECTED_SUM, CHOSEN_MEAN, REJECTED_MEAN = range(4)
@@ -35,7 +35,9 @@ def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
                      labels: torch.Tensor) -> torch.Tensor:
     """(B, 2): ``[summed, mean-token]`` log-prob of each row's scored (label != -100) tokens."""
     logits = lm_logits(model, input_ids, attention_mask)
-    return torch.stack([sequence_logps(logits, labels), sequence_logps(logits, labels, average=True)], dim=-1)
+    logps, mask = token_logps(logits, labels)  # one log-softmax over the vocabulary for both figures
+    total = logps.sum(-1)
+    return torch.stack([total, total / mask.sum(-1).clamp_min(1)], dim=-1)
 
 
 def concatenate_pairs(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
