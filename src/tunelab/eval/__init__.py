@@ -1,7 +1,8 @@
 """tunelab.eval: metrics, batched greedy generation, and task-level evaluation.
 
 ``metrics`` holds pure metric functions, ``generate`` the KV-cached batched greedy decoder, and
-``tasks`` maps each record kind to its metrics (see docs/evaluation.md).
+``tasks`` maps each record kind to its metrics (see docs/evaluation.md); ``probe`` is the general-ability
+(forgetting) probe, held-out general-domain perplexity before and after tuning.
 """
 
 from tunelab.eval import generate, metrics

@@ -6,6 +6,9 @@
   cached in ``<run_dir>/baselines/<key>.json``.
 - **majority class** (classification, ``choice``): always answer the most frequent training label; its accuracy
   on the test split is the floor a classifier must clear, and its macro-F1 is ~1/classes.
+- **general probe** (``eval.general_probe``, :mod:`tunelab.eval.probe`): the untuned model's perplexity
+  on held-out general-domain text, the *before* of the forgetting probe; it depends on the model and the
+  probe only, so it is cached once per run in ``<run_dir>/baselines/general-<key>.json``.
 - **flags**: ``below_untuned`` when the tuned score is lower than the untuned one, ``empty_outputs``
   when at least 10% of the generations are empty.
 """
@@ -25,7 +28,9 @@ SAMPLES = 3  # sample predictions kept in each result file
 
 def untuned_key(spec, stages) -> str:
     """What the untuned evaluation depends on: model, every stage's data and objective, eval settings."""
-    payload = {"model": spec.model.model_dump(mode="json"), "eval": spec.eval.model_dump(mode="json"),
+    # the general probe has its own cache (general_probe_key): the task baseline does not depend on it
+    payload = {"model": spec.model.model_dump(mode="json"),
+               "eval": spec.eval.model_dump(mode="json", exclude={"general_probe"}),
                "stages": [{"data": s.data.model_dump(mode="json"), "objective": s.objective.model_dump(mode="json")}
                           for s in stages]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -41,6 +46,31 @@ def cached_untuned(run_dir: Path, key: str) -> list[dict] | None:
 
 def store_untuned(run_dir: Path, key: str, metrics: list[dict]) -> None:
     atomic_write_json(Path(run_dir) / "baselines" / f"{key}.json", {"key": key, "metrics": metrics})
+
+
+def general_probe_key(spec) -> str:
+    """What the untuned model's general-probe perplexity depends on: the model, the probe settings, the
+    probe file's content and the batch size (padding changes the last bits of float sums)."""
+    from tunelab.experiments.spec import file_fingerprint
+
+    probe = spec.eval.general_probe
+    payload = {"model": spec.model.model_dump(mode="json"), "probe": probe.model_dump(mode="json"),
+               "batch_size": spec.eval.batch_size,
+               "file": None if probe.source == "synthetic" else file_fingerprint(Path(probe.source))}
+    return "general-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_general_probe(run_dir: Path, key: str) -> dict | None:
+    """``{"perplexity", "tokens"}`` of the untuned model on the general probe, if a cell measured it already."""
+    path = Path(run_dir) / "baselines" / f"{key}.json"
+    try:
+        return json.loads(path.read_text())["general_probe"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def store_general_probe(run_dir: Path, key: str, measured: dict) -> None:
+    atomic_write_json(Path(run_dir) / "baselines" / f"{key}.json", {"key": key, "general_probe": measured})
 
 
 def majority_class(train: list[dict], test: list[dict], label_key: str | None) -> dict | None:

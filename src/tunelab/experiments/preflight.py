@@ -5,8 +5,8 @@
 - :func:`apply_method` applies a PEFT method and keeps a task head tunelab added trainable;
 - :func:`stage_splits` builds (and caches) a stage's data splits;
 - :func:`preflight` fails fast, before anything is written: output directory, data, model, every
-  method's options and targets, prompt lengths against the model's positions, and one collated batch
-  of training and test records per stage.
+  method's options and targets, prompt lengths against the model's positions, one collated batch
+  of training and test records per stage, and the general probe's text (``eval.general_probe``).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def preflight(cells: list[Cell], progress: bool = True, notes: list[str] | None 
     base_cache: dict[str, Any] = {}
     seen_methods: set[str] = set()
     seen_collate: set[str] = set()
+    probe_cache: set[str] = set()
     notes = notes if notes is not None else []
     for cell in cells:
         spec = cell.spec
@@ -109,10 +110,12 @@ def preflight(cells: list[Cell], progress: bool = True, notes: list[str] | None 
             if collate_key not in seen_collate:
                 seen_collate.add(collate_key)
                 _check_collate(stage, split_cache, tokenizer, labels)
+        probe_length = _check_general_probe(spec, model_task, base, probe_cache)
         methods = [(spec.method, "default")] + [(s.method, s.name) for s in stages if s.method is not None]
         method_key = f"{model_key}/" + json.dumps([(m.name, m.options, a) for m, a in methods], sort_keys=True, default=str)
+        method_key += f"/{probe_length}"
         if method_key not in seen_methods:
-            _check_prompt_length(base, methods, max(s.data.max_length for s in stages))
+            _check_prompt_length(base, methods, max([s.data.max_length for s in stages] + [probe_length]))
             model = copy.deepcopy(base)
             for method, adapter_name in methods:
                 model = apply_method(model, method, model_task, adapter_name)
@@ -135,6 +138,26 @@ def _check_collate(stage: Stage, split_cache: dict, tokenizer, labels) -> None:
             raise DataError(f"stage {stage.name!r}: objective {stage.objective.name!r} cannot use {name} records of "
                             f"kind {', '.join(kinds)} ({type(error).__name__}: {error}); choose an objective for "
                             "this data or map its columns") from None
+
+
+def _check_general_probe(spec: ExperimentSpec, model_task: str, model, checked: set[str]) -> int:
+    """The general probe's text loads (a missing or empty file fails here) and fits the model's positions;
+    returns its token budget (0 when it is off or skipped for an encoder)."""
+    from tunelab.eval import probe
+    from tunelab.eval.generate import position_limit
+
+    settings = spec.eval.general_probe
+    if settings is None or probe.skip_reason(model_task):
+        return 0
+    key = settings.model_dump_json()
+    if key not in checked:
+        probe.load_texts(settings.source, settings.documents, settings.seed)
+        checked.add(key)
+    limit = position_limit(model)
+    if limit is not None and settings.max_length > limit:
+        raise ConfigError(f"eval.general_probe.max_length={settings.max_length} exceeds the model's {limit} "
+                          f"positions; use at most {limit}")
+    return settings.max_length
 
 
 def _check_prompt_length(model, methods, max_length: int) -> None:

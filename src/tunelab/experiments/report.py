@@ -5,7 +5,7 @@ aggregated over seeds (mean ± the half-width of the 95% confidence interval, St
 embedded as base64 PNG so the HTML is one file; quality axes start at 0. Each method used gets a short
 explanation of its math. Staged experiments get the cross-evaluation matrix (:mod:`report_stages`);
 alignment cells with a held-out KL to their reference get the reward-vs-KL frontier
-(:mod:`tunelab.align.report`).
+(:mod:`tunelab.align.report`); runs with ``eval.general_probe`` a forgetting section (:mod:`report_probe`).
 Cells that failed (``failed/<run>.json``, see :mod:`tunelab.experiments.jobs`) are listed in a section
 of their own.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from tunelab.align import report as align_report
 from tunelab.distill import report as distill_report
 from tunelab.errors import DataError
-from tunelab.experiments import analysis, markdown_html, report_baselines, report_stages, rundir
+from tunelab.experiments import analysis, markdown_html, report_baselines, report_probe, report_stages, rundir
 from tunelab.experiments.plots import ci95, figure_png, score_axis
 from tunelab.multitask import report as multitask_report
 from tunelab.utils import atomic_write_text
@@ -163,6 +163,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     stage_md = report_stages.markdown_section(matrices) + report_stages.adapt_section(results, matrices)
     stage_md += distill_report.markdown_section(results)  # teacher vs students (tunelab.distill)
     stage_md += report_baselines.markdown_section(results)  # untuned / majority baselines, flags, samples
+    stage_md += report_probe.markdown_section(results)  # forgetting: general held-out perplexity before/after
     stage_md += multitask_report.markdown_section(results)  # single vs multi-task per task, Δp (tunelab.multitask)
     if stage_png is not None:
         stage_md += "![stage matrix](plots/stage_matrix.png)\n\n"

@@ -92,7 +92,10 @@ def adapt_section(results: list[dict], matrices: dict[str, dict]) -> str:
     Each part is empty when the results hold nothing for it (see :mod:`tunelab.adapt.metrics`,
     :mod:`tunelab.adapt.router`, :mod:`tunelab.adapt.analysis`).
     """
-    return continual_table(matrices, untuned_scores(results)) + routing_table(results) + transfer_table(results)
+    from tunelab.experiments.report_probe import mean_change_by_label
+
+    return (continual_table(matrices, untuned_scores(results), mean_change_by_label(results))
+            + routing_table(results) + transfer_table(results))
 
 
 def untuned_scores(results: list[dict]) -> dict[str, list[float]]:
@@ -114,8 +117,11 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.4f}" if signed else f"{value:.4f}"
 
 
-def continual_table(matrices: dict[str, dict], untuned: dict[str, list[float]] | None = None) -> str:
-    """ACC, BWT, FWT (vs the untuned model), average forgetting and final in-domain score per method."""
+def continual_table(matrices: dict[str, dict], untuned: dict[str, list[float]] | None = None,
+                    general: dict[str, float] | None = None) -> str:
+    """ACC, BWT, FWT (vs the untuned model), average forgetting and final in-domain score per method;
+    with ``general`` (``{label: mean Δ}`` of the general probe, ``eval.general_probe``) a column of the
+    general held-out perplexity's relative change."""
     from tunelab.adapt import metrics
 
     rows = []
@@ -129,15 +135,19 @@ def continual_table(matrices: dict[str, dict], untuned: dict[str, list[float]] |
         if len(core_names) < 2 or any(core[-1][j] is None for j in range(len(core))):
             continue
         s = metrics.summary(names, scores, base)
+        probe = "" if not general else " – |" if label not in general else f" {100 * general[label]:+.2f}% |"
         rows.append(f"| {label} | {_fmt(s['acc'])} | {_fmt(s['bwt'], True)} | {_fmt(s['fwt'], True)} | "
-                    f"{_fmt(s['forgetting'])} | {_fmt(s['final_in_domain'])} |")
+                    f"{_fmt(s['forgetting'])} | {_fmt(s['final_in_domain'])} |{probe}")
     if not rows:
         return ""
     head = ("## Continual learning: average accuracy, transfer and forgetting\n\n"
             "ACC = mean of the last row; BWT = mean (R[T−1][j] − R[j][j]); FWT = mean (R[j−1][j] − b_j), b = the "
-            "untrained model; forgetting = mean (max_{l≥j} R[l][j] − R[T−1][j]) "
-            "(docs/adapt.md).\n\n"
-            "| method | ACC | BWT | FWT | forgetting | final in-domain |\n|---|---:|---:|---:|---:|---:|")
+            "untrained model; forgetting = mean (max_{l≥j} R[l][j] − R[T−1][j])"
+            + ("; general ppl Δ = general held-out perplexity after the last stage / untuned − 1, as in the "
+               "Forgetting section" if general else "")
+            + " (docs/adapt.md).\n\n"
+            "| method | ACC | BWT | FWT | forgetting | final in-domain |" + (" general ppl Δ |" if general else "")
+            + "\n|---|---:|---:|---:|---:|---:|" + ("---:|" if general else ""))
     return head + "\n" + "\n".join(rows) + "\n\n"
 
 

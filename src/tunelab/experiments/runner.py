@@ -193,6 +193,8 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
     model's trainable state, the objective's state and the stage's results. A rerun with the same
     cell key continues where the killed run stopped, with the same result as an uninterrupted run.
     The trained adapter goes to ``adapters/<run>/`` and the test predictions to ``predictions/<run>.jsonl``.
+    With ``eval.general_probe``, the untuned model's and then, after each stage, the model's perplexity
+    on held-out general-domain text are measured (:class:`_GeneralProbe`, :mod:`tunelab.eval.probe`).
     ``callbacks`` are handed to every stage's training loop (``tunelab tune`` reports the eval curve to
     Optuna through one and prunes by raising from it).
     """
@@ -219,6 +221,7 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
     model_task = prepared[0][1].model_task
     model, tokenizer = load_model(spec, model_task, prepared[0][5], progress=progress)
     untuned = _untuned(run_dir, spec, stages, prepared, model, tokenizer, progress) if main else None
+    probe = _GeneralProbe(run_dir, spec, model_task, model, tokenizer) if main else None  # its "before"
     seed_everything(spec.train.seed)  # the method initialises as if the untuned evaluation had not run
     model = apply_method(model, spec.method, model_task)
     objectives, stage_records, history, matrix, predictions = [], [], [], [], []
@@ -251,12 +254,13 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
             started = time.perf_counter()
             row, stage_predictions = _evaluate_row(spec, prepared, objectives, index, model, tokenizer, progress) \
                 if main else ([None] * len(prepared), [])
+            probed = probe.after(model) if probe is not None else {}
             stage_record = {"name": stage.name, "objective": stage.objective.name,
                             "method": stage.method.name if stage.method else None,
                             "train_size": len(train_records), "steps": result.steps,
                             "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,
                             "final_eval_loss": result.final_eval_loss,
-                            "eval_seconds": time.perf_counter() - started, "metrics": row[index]}
+                            "eval_seconds": time.perf_counter() - started, "metrics": row[index], **probed}
             if main:
                 _save_stage(work, index, model, objective, trained_names,
                             (stage_record, row, stage_history, stage_predictions))
@@ -268,12 +272,16 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
         predictions = stage_predictions
     if not main:
         return None
-    metrics = matrix[-1][len(prepared) - 1]
+    metrics = dict(matrix[-1][len(prepared) - 1])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     latency = _latency_ms(model, objectives[-1].collate_fn, prepared[-1][4], spec.eval.latency_batches)
     last_stage = prepared[-1]
     untuned_last = untuned[-1] if untuned else None
+    general = probe.record(stage_records) if probe is not None else None
+    if general is not None and "ppl_after" in general:  # the probe's before belongs to the untuned row
+        metrics.update(general_ppl=general["ppl_after"], general_ppl_change=general["change"])
+        untuned_last = {**(untuned_last or {}), "general_ppl": general["ppl_before"]}
     record = {
         "run_id": cell.run_id, "cell_key": key, "experiment": spec.name, "method": spec.method.name,
         "method_label": cell.method_label, "objective": spec.objective.name, "model": spec.model.name,
@@ -295,6 +303,8 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
         "versions": _versions(), "git_sha": _git_sha(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if general is not None:
+        record["general_probe"] = general
     record["outputs"] = _save_outputs(run_dir, cell.run_id, model, predictions, objectives)
     if len(prepared) > 1:
         record["stages"] = stage_records
@@ -347,6 +357,65 @@ def _untuned(run_dir, spec, stages, prepared, model, tokenizer, progress) -> lis
                                          batch_size=spec.eval.batch_size, progress=progress))
     baselines.store_untuned(run_dir, key, scores)
     return scores
+
+
+class _GeneralProbe:
+    """The general-ability probe of one cell (:mod:`tunelab.eval.probe`): the untuned base's perplexity on
+    the probe text (cached per model and probe in ``baselines/``), then the model's after each stage."""
+
+    def __init__(self, run_dir: Path, spec: ExperimentSpec, model_task: str, model, tokenizer) -> None:
+        from tunelab.eval import probe
+        from tunelab.experiments import baselines
+
+        self.spec, self.tokenizer = spec.eval.general_probe, tokenizer
+        self.skipped = probe.skip_reason(model_task) if self.spec is not None else None
+        self.before = None
+        if self.spec is None or self.skipped:
+            return
+        self.batch_size = spec.eval.batch_size
+        texts = probe.load_texts(self.spec.source, self.spec.documents, self.spec.seed)
+        self.sequences = probe.encode(tokenizer, texts, self.spec.max_length)
+        key = baselines.general_probe_key(spec)
+        self.before = baselines.cached_general_probe(run_dir, key)
+        if self.before is None:
+            self.before = probe.measure(model, tokenizer, self.sequences, self.batch_size)
+            baselines.store_general_probe(run_dir, key, self.before)
+
+    def after(self, model) -> dict:
+        """``{"general_ppl", "general_ppl_change", "general_probe_adapters"}`` of the model as it serves
+        general-domain text: with the adapters it has active, or, where per-domain adapters mapped the
+        ``general`` domain to one (``store(model)["domain_adapters"]``), with that adapter alone."""
+        from tunelab import tuners
+        from tunelab.eval import probe
+
+        if self.before is None:
+            return {}
+        serving = store(model).get("domain_adapters", {}).get("general")
+        previous = tuners.active_adapters(model)
+        if serving is not None:
+            tuners.set_active(model, [serving])
+        try:
+            ppl = probe.measure(model, self.tokenizer, self.sequences, self.batch_size)["perplexity"]
+            adapters = tuners.active_adapters(model)
+        finally:
+            if serving is not None and previous:
+                tuners.set_active(model, previous)
+        return {"general_ppl": ppl, "general_ppl_change": probe.change(ppl, self.before["perplexity"]),
+                "general_probe_adapters": adapters}
+
+    def record(self, stage_records: list[dict]) -> dict | None:
+        """The result's ``general_probe`` block: before, after (the last stage), change, per stage."""
+        if self.spec is None:
+            return None
+        if self.skipped:
+            return {"skipped": self.skipped}
+        last = stage_records[-1]
+        return {"source": self.spec.source, "documents": len(self.sequences), "tokens": self.before["tokens"],
+                "max_length": self.spec.max_length, "ppl_before": self.before["perplexity"],
+                "ppl_after": last.get("general_ppl"), "change": last.get("general_ppl_change"),
+                "adapters": last.get("general_probe_adapters"),
+                "stages": [{"name": s["name"], "ppl": s.get("general_ppl"), "change": s.get("general_ppl_change")}
+                           for s in stage_records]}
 
 
 def _save_stage(work: Path, index: int, model, objective, names: set[str], results: tuple) -> None:

@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.experiments.search import SearchSpec
@@ -134,12 +142,41 @@ class DataSpec(_Strict):
         return value
 
 
+class GeneralProbeSpec(_Strict):
+    """The general-ability (forgetting) probe: held-out general-domain perplexity before and after tuning
+    (:mod:`tunelab.eval.probe`)."""
+
+    source: str = Field("synthetic", min_length=1, description="'synthetic': held-out general-domain documents "
+                        "of the built-in world (test-split entities, which no training data uses); or a path to "
+                        "a .jsonl file (a `text` field per line) or a plain-text file (documents separated by "
+                        "blank lines).")
+    documents: int = Field(64, gt=0, description="Documents scored (a file's first N).")
+    max_length: int = Field(256, gt=8, description="Tokens per document (BOS and EOS included); longer ones are cut.")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="World seed of the synthetic probe (tiny-llama's "
+                      "pretraining world is its model.seed, 0 by default).")
+
+
 class EvalSpec(_Strict):
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per test prompt.")
     cross_stages: Literal["previous", "all"] = Field("previous", description="After each stage, evaluate on the "
                                                      "test data of every earlier stage (previous) or of every stage (all).")
     batch_size: int = Field(32, gt=0, description="Generation batch size.")
     latency_batches: int = Field(5, ge=0, description="Forward passes timed for inference latency (0 = skip).")
+    general_probe: GeneralProbeSpec | None = Field(None, description="Off by default. The general-ability "
+                                                   "(forgetting) probe: held-out general-domain perplexity of the "
+                                                   "untuned base and of each cell after each stage. `{}` or "
+                                                   "`synthetic` for the built-in text, a file path for your own.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        """As every section's, except ``general_probe``: ``true`` = the synthetic probe, ``false`` = off;
+        a string names its source alone (``general_probe: data/general.jsonl``)."""
+        if info.field_name == "general_probe":
+            if isinstance(value, bool):
+                return {} if value else None
+            return {"source": value} if isinstance(value, str) else value
+        return _Strict._no_booleans(value)
 
 
 class StageSpec(_Strict):
@@ -474,21 +511,27 @@ def _short_value(value: Any) -> str:
 def cell_key(cell: Cell) -> str:
     """The identity of a cell: a hash of everything that determines its result.
 
-    The resolved spec without its cosmetic fields (``name``, ``output_dir``, ``description``), plus a
-    fingerprint (SHA-256 of the content) of every data file it reads, plus — when the model is a local
-    directory — each of its files' name, size and modification time (hashing gigabytes of weights on
-    every run would cost more than it saves). A finished cell whose key differs from the current one
+    The resolved spec without its cosmetic fields (``name``, ``output_dir``, ``description``) and without
+    ``eval.general_probe`` when it is off (so adding that option left older keys as they were), plus a
+    fingerprint (SHA-256 of the content) of every data file it reads (the probe's file too), plus —
+    when the model is a local directory — each of its files' name, size and modification time (hashing
+    gigabytes of weights on every run would cost more than it saves). A finished cell whose key differs from the current one
     is stale: it is run again.
     """
     import hashlib
     import json
 
     spec = cell.spec.model_dump(mode="json", exclude=COSMETIC_FIELDS)
+    if spec["eval"].get("general_probe") is None:
+        del spec["eval"]["general_probe"]  # off (the default): the keys of cells from before the probe stand
     files = {}
     for stage in resolve_stages(cell.spec):
         for source in (stage.data.source, stage.data.test_source):
             if source and source != "synthetic" and not source.startswith("hf:"):
                 files[source] = file_fingerprint(Path(source))
+    probe = cell.spec.eval.general_probe
+    if probe is not None and probe.source != "synthetic":
+        files[probe.source] = file_fingerprint(Path(probe.source))
     model_dir = Path(cell.spec.model.name)
     if model_dir.is_dir():
         files["model"] = sorted((str(f.relative_to(model_dir)), f.stat().st_size, f.stat().st_mtime_ns)
