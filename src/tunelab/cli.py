@@ -119,11 +119,16 @@ def run(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart.")]) -> None:
-    """Rebuild report.md and report.html from a run's result files."""
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart.")],
+    price_per_hour: Annotated[float | None, typer.Option(help="Price of one device-hour (any currency) for the "
+                                                          "cost columns, frontier and plot; default: the run's "
+                                                          "report.price_per_hour. Reruns nothing.")] = None,
+) -> None:
+    """Rebuild report.md and report.html from a run's result files (at another price with --price-per-hour)."""
     from tunelab.experiments.report import load_results, write_report
 
-    markdown, html_path = write_report(run_dir)
+    markdown, html_path = write_report(run_dir, price_per_hour)
     if any((run_dir / "results").glob("*.json")):  # else every cell failed: the report lists the failures
         console.print(_results_table(load_results(run_dir)))
     console.print(f"report: {markdown} and {html_path}")
@@ -319,11 +324,14 @@ def tune(
 def slides(
     run_dir: Annotated[Path, typer.Argument(help="A run directory with results, e.g. runs/quickstart.")],
     pdf: Annotated[bool, typer.Option(help="Also print slides.pdf with headless Chromium when installed.")] = True,
+    price_per_hour: Annotated[float | None, typer.Option(
+        help="Price of one device-hour for the cost slide and frontier; default: the run's "
+             "report.price_per_hour.")] = None,
 ) -> None:
     """Write a ~10-slide deck (slides.html, self-contained, and slides.pdf) from a run's result files."""
     from tunelab.experiments.slides import write_slides
 
-    html_path, pdf_path = write_slides(run_dir, pdf=pdf)
+    html_path, pdf_path = write_slides(run_dir, pdf=pdf, price_per_hour=price_per_hour)
     console.print(f"slides: {html_path}", markup=False)
     if pdf_path is not None:
         console.print(f"pdf: {pdf_path}", markup=False)

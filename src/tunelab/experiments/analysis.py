@@ -3,15 +3,17 @@
 For each training-set size:
 
 - **Best per budget**: the Pareto frontier of quality against each cost (trainable parameters, peak
-  memory, train time). A point is on the frontier when no other method is at least as good for at most
-  the same cost; walking the frontier from cheap to expensive answers "with a budget of X, use M".
+  memory, train time, and with ``report.price_per_hour`` the training cost, :mod:`pricing`). A point
+  is on the frontier when no other method is at least as good for at most the same cost; walking the
+  frontier from cheap to expensive answers "with a budget of X, use M".
 - **Ties**: methods whose 95% confidence interval (Student's t over seeds, ``plots.ci95``) overlaps the
   best method's are *statistically tied* with it; the analysis says so instead of ranking them. With a
   single seed there is no interval, and the text says that no difference can be called significant.
 - **Why**: each method named gets its math from its registry entry (``tuners.registry.get(name).notes``),
   so the explanation is the same text as ``tunelab methods`` and the Methods section.
 
-Pareto plots (quality vs peak memory, vs train time) start their quality axis at 0 (``plots.score_axis``).
+Pareto plots (quality vs peak memory, vs train time, and vs training cost when priced) start their
+quality axis at 0 (``plots.score_axis``).
 ``report_section`` returns the section for ``report.md`` / ``report.html`` (one call from
 :func:`tunelab.experiments.report.write_report`).
 """
@@ -22,12 +24,17 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from tunelab.experiments import markdown_html
+from tunelab.experiments import markdown_html, pricing
 from tunelab.experiments.plots import figure_png, score_axis
 
 COSTS = (("trainable_parameters", "trainable parameters", "{:,.0f}"),
          ("peak_memory_mb", "peak memory (MB, RSS)", "{:,.0f}"),
          ("train_seconds", "train time (s)", "{:,.0f}"))
+
+
+def costs(rows: list[dict]) -> tuple[tuple[str, str, str], ...]:
+    """``COSTS``, plus the training cost when the rows are priced (``report.price_per_hour``)."""
+    return COSTS + pricing.frontier_costs(rows)
 
 
 def _finite(value) -> bool:
@@ -130,6 +137,8 @@ def markdown_section(results: list[dict], rows: list[dict]) -> str:
         lines.append("")
     lines += ["![quality vs peak memory](plots/pareto_memory.png)", "",
               "![quality vs train time](plots/pareto_time.png)", ""]
+    if pricing.priced(rows):
+        lines += [f"![quality vs training cost](plots/{pricing.PLOT_NAME}.png)", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -151,8 +160,11 @@ def _size_section(heading: str, group: list[dict], named: set[str]) -> list[str]
                      + ", ".join(f"{r['method']} ({_score(r)})" for r in tied) + ".")
     else:
         lines.append("Its 95% CI does not overlap any other method's: the lead is significant at this size.")
+    if pricing.COST_KEY in best:
+        lines.append(f"Its training cost: {pricing.money(best[pricing.COST_KEY])} units at {best['price_per_hour']:g} "
+                     f"per device-hour, measured on {best['device']}.")
     lines.append("")
-    for cost, label, fmt in COSTS:
+    for cost, label, fmt in costs(group):
         front = frontier(group, cost)
         if len(front) < 1:
             continue
@@ -184,7 +196,12 @@ def plot_pareto(rows: list[dict], cost: str, label: str) -> bytes:
                               linestyle=":")
         values = [r[cost] for r in rows if _finite(r.get(cost)) and r[cost] > 0]
         if values and max(values) / min(values) > 20:
-            axis.set_xscale("log")
+            from matplotlib.ticker import FuncFormatter, LogLocator
+
+            axis.set_xscale("log")  # plain numbers at 1, 2 and 5 per decade (10^-1 notation labels overlap)
+            axis.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            for which in ("major", "minor"):
+                getattr(axis.xaxis, f"set_{which}_formatter")(FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set_xlabel(label)
         score_axis(axis, [r["score"] + (r["score_ci95"] or 0.0) for r in rows],
                    label="held-out score (mean ± 95% CI)")
@@ -204,6 +221,10 @@ def report_section(run_dir: str | Path, results: list[dict], rows: list[dict]) -
     pngs = {"pareto_memory": plot_pareto(rows, "peak_memory_mb", "peak memory (MB, RSS)"),
             "pareto_time": plot_pareto(rows, "train_seconds", "train time (s)")}
     (run_dir / "plots").mkdir(exist_ok=True)
+    if pricing.priced(rows):
+        pngs[pricing.PLOT_NAME] = plot_pareto(rows, pricing.COST_KEY, pricing.cost_label(rows))
+    else:  # a plot of an earlier, priced build would no longer match the report
+        (run_dir / "plots" / f"{pricing.PLOT_NAME}.png").unlink(missing_ok=True)
     for name, png in pngs.items():
         (run_dir / "plots" / f"{name}.png").write_bytes(png)
     return section, f'<section id="analysis">{markdown_html.to_html(section, pngs)}</section>'

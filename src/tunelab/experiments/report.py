@@ -21,7 +21,15 @@ from pathlib import Path
 from tunelab.align import report as align_report
 from tunelab.distill import report as distill_report
 from tunelab.errors import DataError
-from tunelab.experiments import analysis, markdown_html, report_baselines, report_probe, report_stages, rundir
+from tunelab.experiments import (
+    analysis,
+    markdown_html,
+    pricing,
+    report_baselines,
+    report_probe,
+    report_stages,
+    rundir,
+)
 from tunelab.experiments.plots import ci95, figure_png, score_axis
 from tunelab.multitask import report as multitask_report
 from tunelab.utils import atomic_write_text
@@ -62,8 +70,9 @@ def load_results(run_dir: str | Path) -> list[dict]:
     return results
 
 
-def summarize(results: list[dict]) -> list[dict]:
-    """One row per (method label, train size): mean and std of score over seeds, and costs."""
+def summarize(results: list[dict], price_per_hour: float | None = None) -> list[dict]:
+    """One row per (method label, train size): mean and std of score over seeds, and costs (with a price per
+    device-hour also the money cost, :mod:`tunelab.experiments.pricing`)."""
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for result in results:
         groups[(result["method_label"], result["train_size"])].append(result)
@@ -82,6 +91,7 @@ def summarize(results: list[dict]) -> list[dict]:
             "latency_ms": _mean_or_none([r.get("inference_latency_ms") for r in group]),
             "metrics": {key: statistics.fmean(r["metrics"][key] for r in group)
                         for key in group[0]["metrics"] if all(key in r["metrics"] for r in group)},
+            **pricing.row_fields(group, price_per_hour),
         })
     return rows
 
@@ -92,15 +102,18 @@ def _mean_or_none(values: list) -> float | None:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    extra = pricing.columns(rows)  # cost columns, with a price per device-hour
     lines = ["| method | train size | seeds | score | trainable params | % of model | train s | tokens/s "
-             "| peak RSS MB | latency ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak RSS MB | latency ms |" + "".join(f" {h} |" for h, _ in extra),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(extra) - 1) + "---|" * bool(extra)]
     for row in rows:
         score = f"{row['score']:.4f}" + (f" ± {row['score_ci95']:.4f}" if row["seeds"] > 1 else "")
         latency = f"{row['latency_ms']:.1f}" if row["latency_ms"] is not None else "–"
         lines.append(f"| {row['method']} | {row['train_size']} | {row['seeds']} | {score} | "
                      f"{row['trainable_parameters']:,} | {row['trainable_percent']:.2f} | {row['train_seconds']:.0f} | "
-                     f"{row['tokens_per_second']:.0f} | {row['peak_memory_mb']:.0f} | {latency} |")
-    return "\n".join(lines)
+                     f"{row['tokens_per_second']:.0f} | {row['peak_memory_mb']:.0f} | {latency} |"
+                     + "".join(f" {cell(row)} |" for _, cell in extra))
+    return "\n".join(lines) + (f"\n\n{pricing.note(rows)}" if extra else "")
 
 
 def _metric_table(rows: list[dict]) -> str:
@@ -142,14 +155,18 @@ def plot_quality_vs_parameters(rows: list[dict]) -> bytes:
     return figure_png(draw)
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Rebuild ``report.md`` (+ PNG plots) and a self-contained ``report.html`` from the result files."""
+def write_report(run_dir: str | Path, price_per_hour: float | None = None) -> tuple[Path, Path]:
+    """Rebuild ``report.md`` (+ PNG plots) and a self-contained ``report.html`` from the result files.
+
+    ``price_per_hour`` (units per device-hour) prices each cell's training; default: the run's
+    ``config.yaml`` (``report.price_per_hour``), and no cost when it has none."""
     run_dir = Path(run_dir)
+    price = pricing.price_per_hour(run_dir, price_per_hour)
     failed = rundir.failures(run_dir)
     if failed and not any((run_dir / "results").glob("*.json")):
         return _write_failures_only(run_dir, failed)
     results = load_results(run_dir)
-    rows = summarize(results)
+    rows = summarize(results, price)
     name = results[0].get("experiment", run_dir.name)
     loss_png, quality_png = plot_loss_curves(results), plot_quality_vs_parameters(rows)
     plots = run_dir / "plots"
@@ -225,15 +242,17 @@ def _write_failures_only(run_dir: Path, failed: list[dict]) -> tuple[Path, Path]
 
 
 def _html(name, rows, results, notes, loss_png, quality_png, stage_md="", section_pngs=None, failed=()) -> str:
+    extra = pricing.columns(rows)  # cost columns, with a price per device-hour
     header = ["method", "train size", "seeds", "score", "trainable params", "% of model", "train s", "tokens/s",
-              "peak RSS MB", "latency ms"]
+              "peak RSS MB", "latency ms", *(h for h, _ in extra)]
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
             r["method"], r["train_size"], r["seeds"], f"{r['score']:.4f} ± {r['score_ci95']:.4f}",
             f"{r['trainable_parameters']:,}", f"{r['trainable_percent']:.2f}", f"{r['train_seconds']:.0f}",
             f"{r['tokens_per_second']:.0f}", f"{r['peak_memory_mb']:.0f}",
-            "–" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}")) + "</tr>"
+            "–" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}", *(cell(r) for _, cell in extra))) + "</tr>"
         for r in rows)
+    cost_note = markdown_html.to_html(pricing.note(rows))
     note_items = "".join(f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in notes.splitlines())
     # the family sections (stages, distillation, baselines, multi-task) as the markdown report has them
     sections_html = markdown_html.to_html(stage_md, section_pngs)
@@ -244,7 +263,7 @@ td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
 <h1>Experiment <code>{html.escape(name)}</code></h1>
 <p>Model <code>{html.escape(results[0]['model'])}</code>, objective <code>{html.escape(results[0]['objective'])}</code>,
 {len(results)} run(s).</p>
-<h2>Results</h2><table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>{_failed_html(list(failed))}
+<h2>Results</h2><table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>{cost_note}{_failed_html(list(failed))}
 <h2>Plots</h2>{markdown_html.image('loss curves', loss_png)}{markdown_html.image('quality vs trainable parameters', quality_png)}
 {sections_html}
 <h2>Methods</h2><ul>{note_items}</ul></body></html>

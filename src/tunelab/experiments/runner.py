@@ -38,7 +38,7 @@ import yaml
 
 from tunelab.adapt.store import store
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.experiments import distributed, registry, rundir
+from tunelab.experiments import distributed, pricing, registry, rundir
 from tunelab.experiments import jobs as parallel
 from tunelab.experiments.preflight import apply_method, load_model, preflight, stage_splits
 from tunelab.experiments.rundir import RunLock, check_writable
@@ -125,6 +125,8 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, isolate: bool = 
         if not main:
             return []
         if (run_dir / "results").is_dir():
+            report_section = spec.report.model_dump(mode="json")
+            pricing.sync_config(run_dir, report_section)  # a new price reruns no cell but reprices the report
             write_report(run_dir)
         results = [json.loads(_result_path(run_dir, c).read_text()) for c in cells if c.run_id not in failures]
         if failures:
@@ -275,7 +277,8 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
     metrics = dict(matrix[-1][len(prepared) - 1])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    latency = _latency_ms(model, objectives[-1].collate_fn, prepared[-1][4], spec.eval.latency_batches)
+    latency, latency_tokens = _latency_ms(model, objectives[-1].collate_fn, prepared[-1][4],
+                                          spec.eval.latency_batches)
     last_stage = prepared[-1]
     untuned_last = untuned[-1] if untuned else None
     general = probe.record(stage_records) if probe is not None else None
@@ -298,6 +301,7 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
         "trainable_percent": 100.0 * trainable / total,
         "train_seconds": train_seconds, "train_tokens_per_second": tokens_per_second,
         "eval_seconds": stage_records[-1]["eval_seconds"], "inference_latency_ms": latency,
+        "inference_latency_tokens": latency_tokens, "device": _device(model),
         "peak_memory_mb": peak_rss_mb(), "final_eval_loss": final_eval_loss,
         "history": history, "config": spec.model_dump(mode="json"),
         "versions": _versions(), "git_sha": _git_sha(),
@@ -517,20 +521,57 @@ def loraplus_groups(model, learning_rate: float, weight_decay: float) -> list[di
 
 
 @torch.no_grad()
-def _latency_ms(model, collate, records: list[dict], batches: int) -> float | None:
-    """Median wall time of one forward pass over a batch of 8 test examples, in milliseconds."""
+def _latency_ms(model, collate, records: list[dict], batches: int) -> tuple[float | None, int | None]:
+    """Median wall time of one forward pass over a batch of 8 test examples, in milliseconds, and the
+    batch's non-padding tokens (what an inference cost per token divides by); ``(None, None)`` when skipped."""
+    from tunelab.train.profile import count_tokens
+
     if batches <= 0 or not records:
-        return None
+        return None, None
     batch = collate(records[:8])
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    device = next(model.parameters()).device  # training leaves the model on the accelerator's device
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     model.eval()
     model(**inputs)  # warm-up
     times = []
     for _ in range(batches):
+        _synchronize(device)
         started = time.perf_counter()
         model(**inputs)
+        _synchronize(device)  # CUDA runs asynchronously: time the work, not its launch
         times.append((time.perf_counter() - started) * 1000)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], count_tokens(inputs) or None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device(model) -> dict:
+    """What this cell's time was measured on: the model's device type and name, the training processes
+    (data-parallel world size), the cores this process may use and torch's threads (the cost's context)."""
+    device = next(model.parameters()).device
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    info = {"type": device.type, "name": _cpu_name() if device.type == "cpu" else "",
+            "processes": distributed.world_size(), "cpu_count": cores, "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's processor or machine name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _versions() -> dict[str, str]:

@@ -1,7 +1,8 @@
 """``tunelab slides RUN_DIR``: a ~10-slide deck for a 15-minute talk, built only from the result files.
 
 Slides: title, the question, the methods and their math (registry notes), the set-up, the results
-table, quality vs parameters, the two Pareto plots (memory, time), trade-offs (Pareto frontiers),
+table, quality vs parameters, the Pareto plots (memory, time, and training cost when the run has a price
+per device-hour, :mod:`tunelab.experiments.pricing`), trade-offs (Pareto frontiers),
 statistical ties, the recommendation, and the tuning summary when ``tunelab tune`` ran in the folder.
 
 ``slides.html`` is one self-contained file (plots inlined as base64 PNG; arrow keys / space move
@@ -19,7 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tunelab.experiments import analysis
+from tunelab.experiments import analysis, pricing
 from tunelab.experiments.report import load_results, plot_quality_vs_parameters, summarize
 from tunelab.utils import atomic_write_text
 
@@ -91,11 +92,19 @@ def _tradeoffs(rows: list[dict]) -> list[str]:
     items = []
     for size, tasks, split, group in analysis.ranked_groups(rows):
         caption = _caption(size, tasks, split)
-        for cost, label, fmt in analysis.COSTS:
+        for cost, label, fmt in analysis.costs(group):
             front = analysis.frontier(group, cost)
             steps = " → ".join(f"<b>{html.escape(r['method'])}</b> (≤ {fmt.format(r[cost])})" for r in front)
             items.append(f"{caption}, {label}: {steps}")
     return items
+
+
+def _cost_plot(rows: list[dict]) -> str:
+    """The quality-vs-training-cost plot with a line saying what the cost is and where it was measured."""
+    image = _image(analysis.plot_pareto(rows, pricing.COST_KEY, pricing.cost_label(rows)), "pareto cost")
+    devices = " / ".join(dict.fromkeys(r["device"] for r in rows if pricing.COST_KEY in r))
+    return (image.replace("<img ", '<img style="max-height:500px" ', 1) + '<p class="small">training cost = train '
+            f"s / 3600 × training processes × price per device-hour; measured on {html.escape(devices)}</p>")
 
 
 def _ties(rows: list[dict]) -> list[str]:
@@ -147,11 +156,11 @@ def _tuning(run_dir: Path) -> str | None:
     return _bullets([html.escape(line) for line in keep]) if keep else None
 
 
-def build_deck(run_dir: str | Path) -> str:
-    """The deck's HTML (one string, self-contained)."""
+def build_deck(run_dir: str | Path, price_per_hour: float | None = None) -> str:
+    """The deck's HTML (one string, self-contained); priced as :func:`report.write_report` prices."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    rows = summarize(results)
+    rows = summarize(results, pricing.price_per_hour(run_dir, price_per_hour))
     name = results[0].get("experiment", run_dir.name)
     methods = sorted({r["method_label"]: r["method"] for r in results}.items())
     method_of = dict(methods)
@@ -179,6 +188,7 @@ def build_deck(run_dir: str | Path) -> str:
                                                 "pareto memory")),
         _slide("Quality vs train time", _image(analysis.plot_pareto(rows, "train_seconds", "train time (s)"),
                                                "pareto time")),
+        *([_slide("Quality vs training cost", _cost_plot(rows))] if pricing.priced(rows) else []),
         _slide("Trade-offs: best per budget (Pareto frontiers)", _bullets(_tradeoffs(rows)), "dense"),
         _slide("What is a tie", _bullets(_ties(rows))),
         _slide("Recommendation", _bullets(_recommendation(rows))),
@@ -225,10 +235,11 @@ def print_pdf(html_path: Path, pdf_path: Path, timeout: float = 120.0) -> Path |
     return pdf_path if pdf_path.is_file() and pdf_path.stat().st_size > 0 else None
 
 
-def write_slides(run_dir: str | Path, pdf: bool = True) -> tuple[Path, Path | None]:
+def write_slides(run_dir: str | Path, pdf: bool = True,
+                 price_per_hour: float | None = None) -> tuple[Path, Path | None]:
     """Write ``slides.html`` (and ``slides.pdf`` when Chromium is available) into the run directory."""
     run_dir = Path(run_dir)
     html_path = run_dir / "slides.html"
-    atomic_write_text(html_path, build_deck(run_dir))
+    atomic_write_text(html_path, build_deck(run_dir, price_per_hour))
     pdf_path = print_pdf(html_path, run_dir / "slides.pdf") if pdf else None
     return html_path, pdf_path

@@ -53,7 +53,8 @@ NAME_LIMIT = 100  # experiment names and method labels become file names; keep t
 LABEL_LIMIT = 64
 RUN_ID_LIMIT = 150  # results/<run_id>.json and adapters/<run_id>/ stay below the 255-byte file-name limit
 # Fields that do not change what a cell computes: left out of its identity (cell_key).
-COSMETIC_FIELDS = {"name", "output_dir", "description", "search"}  # search: what `tunelab tune` explores
+# search: what `tunelab tune` explores; report: how the report presents results (a price changes no cell)
+COSMETIC_FIELDS = {"name", "output_dir", "description", "search", "report"}
 
 
 class _Strict(BaseModel):
@@ -179,6 +180,15 @@ class EvalSpec(_Strict):
         return _Strict._no_booleans(value)
 
 
+class ReportSpec(_Strict):
+    """How the report presents results; cosmetic (not in a cell's key): changing it reruns no cell."""
+
+    price_per_hour: float | None = Field(None, ge=0, description="Price of one device-hour (any currency; the "
+                                         "report says 'units'): adds each cell's training cost, train_seconds / "
+                                         "3600 x training processes x price, and a quality-vs-cost frontier. "
+                                         "Default: no cost.")
+
+
 class StageSpec(_Strict):
     """One stage: overrides of the experiment's sections; the model carries over from the stage before."""
 
@@ -210,6 +220,7 @@ class ExperimentSpec(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     grid: GridSpec = Field(default_factory=GridSpec)
     stages: list[StageSpec] = Field(default_factory=list, description="Stages run in order on one model.")
     search: SearchSpec | None = Field(None, description="Hyper-parameter search space of `tunelab tune` "
@@ -511,11 +522,12 @@ def _short_value(value: Any) -> str:
 def cell_key(cell: Cell) -> str:
     """The identity of a cell: a hash of everything that determines its result.
 
-    The resolved spec without its cosmetic fields (``name``, ``output_dir``, ``description``) and without
-    ``eval.general_probe`` when it is off (so adding that option left older keys as they were), plus a
-    fingerprint (SHA-256 of the content) of every data file it reads (the probe's file too), plus —
-    when the model is a local directory — each of its files' name, size and modification time (hashing
-    gigabytes of weights on every run would cost more than it saves). A finished cell whose key differs from the current one
+    The resolved spec without its cosmetic fields (``COSMETIC_FIELDS``: ``name``, ``output_dir``,
+    ``description``, ``search``, ``report``) and without ``eval.general_probe`` when it is off (so adding
+    that option left older keys as they were), plus a fingerprint (SHA-256 of the content) of every data
+    file it reads (the probe's file too), plus — when the model is a local directory — each of its files'
+    name, size and modification time (hashing gigabytes of weights on every run would cost more than it
+    saves). A finished cell whose key differs from the current one
     is stale: it is run again.
     """
     import hashlib
