@@ -256,3 +256,25 @@ def test_file_records_take_their_domain_from_a_column_or_their_stage(small_model
     [result] = run_experiment(spec, progress=False, isolate=False)
     route = result["stages"][-1]["metrics"]
     assert route["routing_accuracy"] >= 0.75, route
+
+
+def test_continual_metrics_only_for_stage_sequences_of_one_objective():
+    """ACC/BWT/forgetting average R over stages: a DAPT (lm, score = -loss) -> fine-tuning cell or an
+    SFT -> DPO pipeline gets no continual-learning row; a domain sequence (router stage aside) does."""
+    from tunelab.experiments import report_stages
+
+    def result(label, objectives, names):
+        scores = [[0.5 if j <= i else None for j in range(len(names))] for i in range(len(names))]
+        return {"method_label": label, "metrics": {"score": 0.5},
+                "stages": [{"name": n, "objective": o, "metrics": {"score": 0.5}} for n, o in zip(names, objectives)],
+                "stage_matrix": {"stages": names, "scores": scores}}
+
+    results = [result("replay", ["replay", "replay"], ["general", "medical"]),
+               result("per-domain", ["per_domain", "per_domain", "router"], ["general", "medical", "route"]),
+               result("dapt+ft", ["lm", "sft"], ["dapt", "ft"]),
+               result("pipeline", ["sft", "dpo"], ["sft", "preference"])]
+    assert report_stages.domain_sequences(results) == {"replay", "per-domain"}
+    section = report_stages.adapt_section(results, report_stages.stage_matrices(results))
+    rows = [line.split(" | ")[0].strip("| ") for line in section.splitlines() if line.startswith("| ")]
+    assert "replay" in rows and "per-domain" in rows
+    assert "dapt+ft" not in rows and "pipeline" not in rows

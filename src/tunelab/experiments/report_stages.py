@@ -94,8 +94,22 @@ def adapt_section(results: list[dict], matrices: dict[str, dict]) -> str:
     """
     from tunelab.experiments.report_probe import mean_change_by_label
 
-    return (continual_table(matrices, untuned_scores(results), mean_change_by_label(results))
+    sequences = {label: matrix for label, matrix in matrices.items() if label in domain_sequences(results)}
+    return (continual_table(sequences, untuned_scores(results), mean_change_by_label(results))
             + routing_table(results) + transfer_table(results))
+
+
+def domain_sequences(results: list[dict]) -> set[str]:
+    """Method labels whose stages are a sequence of domains: one objective in every stage (a router stage
+    aside). ACC, BWT and forgetting average R over stages, which means something only when every stage
+    is scored by the same kind of task: not for DAPT's language-modelling stage (its score is a negated
+    loss) before a fine-tuning stage, nor for SFT → reward → DPO pipelines."""
+    objectives: dict[str, set[str]] = defaultdict(set)
+    for result in results:
+        for stage in result.get("stages") or []:
+            if stage.get("name") != ROUTE_STAGE:
+                objectives[result["method_label"]].add(stage.get("objective"))
+    return {label for label, found in objectives.items() if len(found) == 1}
 
 
 def untuned_scores(results: list[dict]) -> dict[str, list[float]]:
