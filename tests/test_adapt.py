@@ -266,7 +266,8 @@ def test_continual_metrics_only_for_stage_sequences_of_one_objective():
     def result(label, objectives, names):
         scores = [[0.5 if j <= i else None for j in range(len(names))] for i in range(len(names))]
         return {"method_label": label, "metrics": {"score": 0.5},
-                "stages": [{"name": n, "objective": o, "metrics": {"score": 0.5}} for n, o in zip(names, objectives)],
+                "stages": [{"name": n, "objective": o, "metrics": {"score": 0.5}}
+                           for n, o in zip(names, objectives, strict=True)],
                 "stage_matrix": {"stages": names, "scores": scores}}
 
     results = [result("replay", ["replay", "replay"], ["general", "medical"]),

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import test_align  # the shared tiny LoRA model (tests/ is on sys.path, as for _ddp_objective_cases)
 import torch
 import yaml
 
@@ -44,16 +45,8 @@ def pairs():
 
 
 def lora_model(tokenizer, trained: bool = True):
-    """A tiny random Llama with a LoRA adapter; ``trained`` randomises B so that π differs from the base."""
-    spec = tiny.TinySpec(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
-    model = tuners.apply(tiny.build_model(spec, tokenizer, seed=0), "lora", r=4, lora_alpha=8,
-                         target_modules=["q_proj", "v_proj"])
-    if trained:
-        with torch.no_grad(), torch.random.fork_rng():
-            torch.manual_seed(1)
-            for _, p in tuners.trainable_parameters(model):
-                p.normal_(0, 0.3)
-    return model
+    """test_align's tiny random Llama with LoRA; here B is randomised by default, so that π differs from the base."""
+    return test_align.lora_model(tokenizer, trained)
 
 
 def test_token_kl_is_the_exact_per_token_kl_summed_over_the_mask():
