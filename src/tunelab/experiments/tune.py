@@ -175,14 +175,16 @@ def absolute(params: dict[str, Any], bases: dict[str, float]) -> dict[str, Any]:
     return {key: value * bases[key] if key in bases else value for key, value in params.items()}
 
 
-def check_space(spec: ExperimentSpec, target: Target, space: dict[str, ParamSpace]) -> None:
-    """Every searched key, at its low and high end (and every choice), gives a valid spec: typos fail now."""
+def check_space(spec: ExperimentSpec, target: Target, space: dict[str, ParamSpace]) -> dict[str, float]:
+    """Every searched key, at its low and high end (and every choice), gives a valid spec: typos fail now.
+    Returns the relative keys' bases (:func:`relative_bases`), which the check needs anyway."""
     bases = relative_bases(spec, target, space)
     ends = [{k: (d.choices[0] if d.type == "categorical" else d.low) for k, d in space.items()},
             {k: (d.choices[-1] if d.type == "categorical" else d.high) for k, d in space.items()}]
     for values in ends:
         values = {k: int(v) if space[k].type == "int" else v for k, v in values.items()}
         cell_for(spec, target, absolute(values, bases), "search-check")
+    return bases
 
 
 class EvalReporter:
@@ -270,8 +272,7 @@ def run_trials(spec: ExperimentSpec, target: Target, trials: int, storage: str, 
 
     search = spec.search
     space = applicable(search.params, target.method)
-    check_space(spec, target, space)
-    bases = relative_bases(spec, target, space)
+    bases = check_space(spec, target, space)
     run_dir = spec.run_dir
     study = open_study(search, target.study_name, storage, spec.train.seed)
     if not study.trials:
