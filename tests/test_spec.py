@@ -91,7 +91,7 @@ def test_every_method_of_a_shipped_tiny_llama_config_applies(path, small_model_d
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunelab.experiments import registry
-    from tunelab.experiments.preflight import apply_method
+    from tunelab.experiments.preflight import apply_method, cell_methods
     from tunelab.experiments.spec import resolve_stages
 
     # tiny-llama's family at width 128, so that width-dependent options (Compacter's PHM) divide as there
@@ -103,7 +103,7 @@ def test_every_method_of_a_shipped_tiny_llama_config_applies(path, small_model_d
         stages = resolve_stages(cell.spec)
         if registry.get_objective(stages[0].objective.name).model_task != "causal_lm":
             continue
-        methods = [(cell.spec.method, "default")] + [(s.method, s.name) for s in stages if s.method is not None]
+        methods = cell_methods(cell.spec, stages)
         key = repr([(m.name, sorted(m.options.items(), key=str), name) for m, name in methods])
         if key in seen:
             continue

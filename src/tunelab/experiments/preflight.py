@@ -79,6 +79,12 @@ def stage_splits(stage: Stage, cache: dict | None = None, notes: list[str] | Non
 PROMPT_OPTIONS = ("num_virtual_tokens",)  # options that add positions to every sequence
 
 
+def cell_methods(spec: ExperimentSpec, stages: list[Stage]) -> list[tuple[MethodSpec, str]]:
+    """``(method, adapter name)`` in the order a cell applies them: the experiment's method as ``default``,
+    then each stage's own method under the stage's name."""
+    return [(spec.method, "default")] + [(s.method, s.name) for s in stages if s.method is not None]
+
+
 def preflight(cells: list[Cell], progress: bool = True, notes: list[str] | None = None) -> None:
     """Fail fast, before anything is written: output directory, data, model, every method's options and
     targets, and one collated batch of training and test records per stage."""
@@ -111,7 +117,7 @@ def preflight(cells: list[Cell], progress: bool = True, notes: list[str] | None 
                 seen_collate.add(collate_key)
                 _check_collate(stage, split_cache, tokenizer, labels)
         probe_length = _check_general_probe(spec, model_task, base, probe_cache)
-        methods = [(spec.method, "default")] + [(s.method, s.name) for s in stages if s.method is not None]
+        methods = cell_methods(spec, stages)
         method_key = f"{model_key}/" + json.dumps([(m.name, m.options, a) for m, a in methods], sort_keys=True, default=str)
         method_key += f"/{probe_length}"
         if method_key not in seen_methods:
