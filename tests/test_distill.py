@@ -316,11 +316,57 @@ def test_shipped_distillation_config_taps_layers_that_exist():
     from tunelab.models import tiny
 
     spec = load_spec(packaged_config("distillation"), [])
-    depth = {"student": tiny.PRESETS["tiny-llama"].num_layers, "teacher": tiny.PRESETS["tiny-llama-teacher"].num_layers}
-    pairs = [pair for method in spec.grid.methods
-             for pair in (method.overrides or {}).get("objective.options.features", [])]
+    pairs = 0
+    for method in spec.grid.methods:
+        overrides = method.overrides or {}
+        kept = overrides.get("model.layers")  # a student cut from tiny-llama's layers
+        depth = {"student": len(kept) if kept else tiny.PRESETS["tiny-llama"].num_layers,
+                 "teacher": tiny.PRESETS["tiny-llama-teacher"].num_layers}
+        for pair in overrides.get("objective.options.features", []):
+            pairs += 1
+            for side, limit in depth.items():
+                index = int(re.fullmatch(r"model\.layers\.(\d+)", pair[side]).group(1))
+                assert index < limit, (method.display, pair, side, limit)
+        assert all(i < tiny.PRESETS["tiny-llama"].num_layers for i in kept or [])
     assert pairs
-    for pair in pairs:
-        for side, limit in depth.items():
-            index = int(re.fullmatch(r"model\.layers\.(\d+)", pair[side]).group(1))
-            assert index < limit, (pair, side, limit)
+
+
+def test_model_layers_trains_a_student_cut_from_a_bigger_model(dirs, tmp_path, capsys):
+    """``model: {layers: [...]}`` trains (and keys, and reports) the student init_from_teacher builds; the
+    ``tunelab student`` command writes the same student as a directory; ``generate --layers`` loads it."""
+    from tunelab.cli import main
+    from tunelab.experiments.spec import ModelSpec, cell_key, expand_grid, load_spec
+
+    config = tmp_path / "cut.yaml"
+    config.write_text(f"""
+name: cut
+output_dir: {tmp_path / 'runs'}
+model: {{name: '{dirs.teacher}', layers: [0, 3]}}
+method: {{name: full}}
+data: {{tasks: [summarization], domain: medical, train_size: 8, eval_size: 0, test_size: 4}}
+train: {{max_steps: 2, batch_size: 4, eval_every: null, save_every: null, learning_rate: 1.0e-3}}
+eval: {{max_new_tokens: 4, latency_batches: 1}}
+""")
+    assert main(["run", str(config), "--in-process"]) == 0
+    result = json.loads(next((tmp_path / "runs" / "cut" / "results").glob("*.json")).read_text())
+    teacher, _ = zoo.load(str(dirs.teacher), progress=False)
+    cut = init_from_teacher(teacher, layers=[0, 3])
+    assert result["trainable_parameters"] == sum(p.numel() for p in cut.parameters())
+    assert result["config"]["model"]["layers"] == [0, 3]
+    # the cell key sees the layers; a spec without them keeps the key it had before the field existed
+    cell = expand_grid(load_spec(config, []))[0]
+    whole = expand_grid(load_spec(config, ["model.layers=null"]))[0]
+    assert cell_key(cell) != cell_key(whole) and "layers" not in ModelSpec(name="x").identity()
+    # the same student as a directory, and generation with the run's adapter on the cut model
+    assert main(["student", str(dirs.teacher), str(tmp_path / "half"), "--layers", "0,3"]) == 0
+    written, _ = zoo.load(str(tmp_path / "half"), progress=False)
+    assert written.config.num_hidden_layers == 2
+    assert torch.equal(written.model.layers[1].mlp.up_proj.weight, teacher.model.layers[3].mlp.up_proj.weight)
+    assert main(["student", str(dirs.teacher), str(tmp_path / "half"), "--every", "2"]) == 2  # exists: refused (a config error)
+    assert "already exists" in capsys.readouterr().err
+    adapter = tmp_path / "runs" / "cut" / result["outputs"]["adapter"]
+    assert main(["generate", "--model", str(dirs.teacher), "--layers", "0,3", "--adapter", str(adapter),
+                 "--max-new-tokens", "2", "hello"]) == 0
+    with pytest.raises(ConfigError, match="not layers of a 4-layer"):
+        from tunelab.experiments.preflight import load_model
+        load_model(load_spec(config, ["model.layers=[7]"]), "causal_lm", None, progress=False)

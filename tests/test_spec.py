@@ -25,6 +25,35 @@ def test_every_shipped_config_validates_and_expands(path):
     assert len({cell.run_id for cell in cells}) == len(cells)
 
 
+def _model_references(node, found):
+    """Every ``{model: NAME, seed: S}`` pair in a spec (the cell's model, teachers, peers), recursively."""
+    if isinstance(node, dict):
+        if isinstance(node.get("model"), str):
+            found.append((node["model"], node.get("seed", 0)))
+        if isinstance(node.get("model"), dict) and isinstance(node["model"].get("name"), str):
+            found.append((node["model"]["name"], node["model"].get("seed", 0)))
+        for value in node.values():
+            _model_references(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _model_references(value, found)
+    return found
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_configs_use_only_shipped_tiny_weights(path):
+    """A tiny preset at another pretraining seed than the shipped one is pretrained on first use (an hour
+    for tiny-llama on 2 cores): a shipped config must not ask for one (distillation's online cell once
+    asked for a seed-1 tiny-llama peer)."""
+    from tunelab.models import tiny
+
+    shipped = {name for name in tiny.PRESETS if (tiny.WEIGHTS_DIR / name / "pretrain.json").is_file()}
+    for cell in expand_grid(load_spec(path)):
+        for name, seed in _model_references(cell.spec.model_dump(mode="json"), []):
+            if name in tiny.PRESETS:
+                assert name in shipped and seed == 0, f"{path.stem}: {name} at seed {seed} is not shipped"
+
+
 def test_unknown_key_names_its_location(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("name: x\ntrain:\n  max_stepz: 3\n")

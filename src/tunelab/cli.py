@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.errors import ModelError, TunelabError
+from tunelab.errors import ConfigError, ModelError, TunelabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="tunelab: fine-tune transformer LMs with PEFT methods and compare them in one command.")
@@ -191,11 +191,17 @@ def generate(
     template: Annotated[str, typer.Option(
         help="Prompt template: auto (the model's own chat template when its tokenizer has one, else plain), "
         "plain, alpaca, chatml, none.")] = "auto",
+    layers: Annotated[str | None, typer.Option(help="Keep only these decoder layers, e.g. 0,3 (a run's "
+                                               "model.layers: its adapter was trained on that student).")] = None,
 ) -> None:
     """Greedy generation (KV cache) from a model, optionally with an adapter."""
     from tunelab.eval.generate import greedy
 
     loaded, tokenizer = _load_model(model)
+    if layers is not None:
+        from tunelab.distill.student import init_from_teacher
+
+        loaded = init_from_teacher(loaded, layers=_layer_list(layers))
     if adapter is not None:
         _load_adapter(loaded, adapter)
     texts = prompt
@@ -205,6 +211,35 @@ def generate(
         texts = [render_prompt({"prompt": p}, template, tokenizer) for p in prompt]
     for source, output in zip(prompt, greedy(loaded, tokenizer, texts, max_new_tokens=max_new_tokens), strict=True):
         console.print(f"[bold]{source}[/bold]\n{output}\n")
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers takes layer indices separated by commas, e.g. 0,3; got {text!r}") from None
+
+
+@app.command()
+def student(
+    model: Annotated[str, typer.Argument(help="The bigger model (preset, local path or hub id) to take layers from.")],
+    output: Annotated[Path, typer.Argument(help="New directory for the student (must not exist).")],
+    layers: Annotated[str | None, typer.Option(help="Teacher layers to keep, in order, e.g. 0,3.")] = None,
+    every: Annotated[int | None, typer.Option(min=1, help="Or keep layers 0, k, 2k, ... (DistilBERT: 2).")] = None,
+) -> None:
+    """Write a smaller student initialised from a model's layers (DistilBERT), loadable as model: {name: DIR}."""
+    from tunelab.distill.student import write_student
+
+    if output.exists():
+        raise ConfigError(f"{output} already exists; pick a new directory for the student")
+    if (layers is None) == (every is None):
+        raise ConfigError("give exactly one of --layers 0,3 or --every 2")
+    path = write_student(model, output, every=every, layers=None if layers is None else _layer_list(layers))
+    from tunelab.models import zoo
+
+    loaded, _ = zoo.load(str(path), progress=False)
+    console.print(f"{path}: {loaded.config.num_hidden_layers} layers, "
+                  f"{sum(p.numel() for p in loaded.parameters()):,} parameters (from {model})")
 
 
 def _load_model(name: str):

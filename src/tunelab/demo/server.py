@@ -46,6 +46,9 @@ class DemoApp:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.results = self._load_results()
         run_model = self.results[0]["model"] if self.results else None
+        # a run whose student kept only some layers of its model (model.layers): its adapters fit that student
+        self.run_layers = (self.results[0].get("config", {}).get("model", {}).get("layers")
+                           if self.results else None)
         self.models = list(dict.fromkeys([m for m in [run_model, *(models or [])] if m] or ["tiny-llama"]))
         self.adapters = self._find_adapters(adapters or [])
         if self.results:
@@ -84,7 +87,12 @@ class DemoApp:
         key = f"{name}\0{adapter or ''}"
         if key not in self._models:
             if adapter is None:
-                self._models[key] = _one_line(f"cannot load model {name!r}", zoo.load, name, progress=False)
+                model, tokenizer = _one_line(f"cannot load model {name!r}", zoo.load, name, progress=False)
+                if self.run_layers and self.results and name == self.results[0]["model"]:
+                    from tunelab.distill.student import init_from_teacher
+
+                    model = init_from_teacher(model, layers=self.run_layers).eval()
+                self._models[key] = (model, tokenizer)
             else:
                 base, tokenizer = self._model(name, None)
                 model = copy.deepcopy(base)

@@ -29,7 +29,7 @@ SAMPLES = 3  # sample predictions kept in each result file
 def untuned_key(spec, stages) -> str:
     """What the untuned evaluation depends on: model, every stage's data and objective, eval settings."""
     # the general probe has its own cache (general_probe_key): the task baseline does not depend on it
-    payload = {"model": spec.model.model_dump(mode="json"),
+    payload = {"model": spec.model.identity(),
                "eval": spec.eval.model_dump(mode="json", exclude={"general_probe"}),
                "stages": [{"data": s.data.model_dump(mode="json"), "objective": s.objective.model_dump(mode="json")}
                           for s in stages]}
@@ -54,7 +54,7 @@ def general_probe_key(spec) -> str:
     from tunelab.experiments.spec import file_fingerprint
 
     probe = spec.eval.general_probe
-    payload = {"model": spec.model.model_dump(mode="json"), "probe": probe.model_dump(mode="json"),
+    payload = {"model": spec.model.identity(), "probe": probe.model_dump(mode="json"),
                "batch_size": spec.eval.batch_size,
                "file": None if probe.source == "synthetic" else file_fingerprint(Path(probe.source))}
     return "general-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -29,13 +29,19 @@ def load_model(spec: ExperimentSpec, model_task: str, labels: list[str] | None, 
     from tunelab.models import zoo
 
     try:
-        return zoo.load(spec.model.name, task=model_task, seed=spec.model.seed, label_names=labels, progress=progress)
+        model, tokenizer = zoo.load(spec.model.name, task=model_task, seed=spec.model.seed, label_names=labels,
+                                    progress=progress)
     except TunelabError:
         raise
     except Exception as error:  # an empty, truncated or corrupt model directory: the user's to fix
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         raise ModelError(f"cannot load model {spec.model.name!r}: {type(error).__name__}: {reason} "
                          "(check the model directory or hub id)") from None
+    if spec.model.layers is not None:
+        from tunelab.distill.student import init_from_teacher
+
+        model = init_from_teacher(model, layers=spec.model.layers)
+    return model, tokenizer
 
 
 def apply_method(model, method: MethodSpec, model_task: str, adapter_name: str = "default"):
@@ -107,7 +113,7 @@ def preflight(cells: list[Cell], progress: bool = True, notes: list[str] | None 
                 raise ConfigError(f"stage {stage.name!r} has other labels ({splits[3]}) than the first stage "
                                   f"({labels}); stages share one classification head")
         model_task = registry.get_objective(stages[0].objective.name).model_task
-        model_key = f"{spec.model.name}/{spec.model.seed}/{model_task}/{labels}"
+        model_key = f"{spec.model.name}/{spec.model.seed}/{spec.model.layers}/{model_task}/{labels}"
         if model_key not in base_cache:
             base_cache[model_key] = load_model(spec, model_task, labels, progress=progress)
         base, tokenizer = base_cache[model_key]

@@ -75,6 +75,16 @@ Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 class ModelSpec(_Strict):
     name: str = Field("tiny-llama", description="Preset (tiny-llama, tiny-llama-teacher, minilm), local path or hub id.")
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Pretraining seed of tiny presets.")
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="Keep only these decoder layers of the model, in this order: a smaller "
+        "student initialised from a bigger model's layers (DistilBERT; tunelab.distill.student). Default: all.")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide which weights load; ``layers`` only when set (older keys stand)."""
+        dumped = self.model_dump(mode="json")
+        if dumped["layers"] is None:
+            del dumped["layers"]
+        return dumped
 
 
 class ObjectiveSpec(_Strict):
@@ -534,6 +544,7 @@ def cell_key(cell: Cell) -> str:
     import json
 
     spec = cell.spec.model_dump(mode="json", exclude=COSMETIC_FIELDS)
+    spec["model"] = cell.spec.model.identity()  # model.layers unset: the keys of cells from before it stand
     if spec["eval"].get("general_probe") is None:
         del spec["eval"]["general_probe"]  # off (the default): the keys of cells from before the probe stand
     files = {}
