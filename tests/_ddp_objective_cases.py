@@ -364,6 +364,24 @@ def case_distill_finetune(ctx: Context) -> Case:
     return case
 
 
+def case_distill_classification(ctx: Context) -> Case:
+    """A tiny BERT classifier (LoRA on query/value, head in modules_to_save) learns from a tiny BERT teacher
+    fine-tuned on the training records first (a classifier head, cached on disk) + a feature term."""
+    from tunelab.data import synthetic
+
+    labels = list(synthetic.DOMAINS[:3])  # the saved encoder's head has 3 outputs
+    model = ctx.lora(ctx.load("sequence_classification", labels, path=ctx.encoder), "sequence_classification",
+                     target_modules=["query", "value"])
+    objective = ctx.objective("distill_classification", labels, max_length=16, temperature=2.0, alpha=0.5,
+                              evaluate_teacher=False, teacher={"model": ctx.encoder,
+                                                               "finetune": {"max_steps": 2, "batch_size": 4}},
+                              features=[{"student": "bert.encoder.layer.1", "teacher": "bert.encoder.layer.1"}])
+    records = task("domain_classification", domain=labels, n=12)
+    case = Case(model, objective, records[:8], records[8:])
+    case.frozen = lambda: {"teacher": objective.teacher}
+    return case
+
+
 def _multitask_records(objective: Any, kinds: dict[str, str], per_task: int = 8) -> list[dict]:
     out = []
     for kind in kinds.values():
@@ -400,7 +418,8 @@ CASES: dict[str, Callable[[Context], Case]] = {
     "token_classification": case_token_classification, "icl": case_icl, "domain_kd": case_domain_kd,
     "replay": case_replay, "ewc": case_ewc, "lwf": case_lwf, "olora": case_olora, "per_domain": case_per_domain,
     "router": case_router, "reward": case_reward, "dpo": case_dpo, "kto": case_kto, "ppo": case_ppo,
-    "grpo": case_grpo, "distill": case_distill, "multitask": case_multitask,
+    "grpo": case_grpo, "distill": case_distill, "distill_classification": case_distill_classification,
+    "multitask": case_multitask,
     "multitask_encoder": case_multitask_encoder,
 }
 #: what each case trains (the results table in benchmarks/results/ddp_cpu.md)
@@ -419,6 +438,7 @@ SETUPS: dict[str, str] = {
     "kto": "reference precomputed (log-probs cached before step 1)",
     "ppo": "value head, a token-function reward, sampling T=1", "grpo": "G=2, a token-function reward, sampling T=1",
     "distill": "a 48-wide teacher model + a feature term with a projector",
+    "distill_classification": "tiny BERT classifier; a BERT teacher fine-tuned 2 steps first (cached) + a feature term",
     "multitask": "per-task LoRAs switched per batch, learned uncertainty weights",
     "multitask_encoder": "tiny BERT, hard sharing; its own token classifier trainable but unused",
     "ppo--greedy": "ppo with greedy rollouts and no advantage whitening",

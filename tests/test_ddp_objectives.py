@@ -67,7 +67,7 @@ def test_objective_runs_under_ddp_like_one_process(results, name):
 
 def test_teachers_and_references_are_checked_where_the_objective_has_them(results):
     """The placement check is not vacuous: the objectives with a teacher or a frozen reference report one."""
-    expected = {"distill": 1, "distill--finetune": 1, "dpo": 8, "lwf": 8, "domain_kd": 1}
+    expected = {"distill": 1, "distill--finetune": 1, "distill_classification": 1, "dpo": 8, "lwf": 8, "domain_kd": 1}
     assert {name: results[name].get("frozen_items") for name in expected} == expected
     assert results["kto"].get("frozen_items", 0) >= 8  # the precomputed log-probs of the 8 training examples
 

@@ -221,10 +221,13 @@ class DistillObjective(SFTObjective):
     def evaluate(self, model: nn.Module, records: Sequence[Any], max_new_tokens: int = 32,
                  batch_size: int = 32, progress: bool = True, **kwargs: Any) -> dict[str, float]:
         """The student's task metrics; with ``evaluate_teacher`` the teacher's score, sizes and speeds."""
+        from tunelab.eval import tasks
+
         metrics = super().evaluate(model, records, max_new_tokens, batch_size, progress, **kwargs)
         if self.peer is not None:
             self.peer.eval()
-            metrics["peer_score"] = super().evaluate(self.peer, records, max_new_tokens, batch_size, False)["score"]
+            with tasks.recording():  # the peer's and the teachers' predictions are not the cell's
+                metrics["peer_score"] = super().evaluate(self.peer, records, max_new_tokens, batch_size, False)["score"]
             self.peer.train()
         if not (self.options.evaluate_teacher and self.teachers):  # not set up: an untrained-baseline evaluation
             return metrics
@@ -232,15 +235,14 @@ class DistillObjective(SFTObjective):
         for index in range(len(self.specs)):
             key = (index, id(records))
             if key not in self.teacher_scores:
-                with passes.as_teacher(model, self.teachers[index]) as teacher:
+                with passes.as_teacher(model, self.teachers[index]) as teacher, tasks.recording():
                     self.teacher_scores[key] = super().evaluate(teacher, records, max_new_tokens, batch_size, False)
             scores.append(self.teacher_scores[key]["score"])
             if len(self.specs) > 1:
                 metrics[f"teacher{index}_score"] = scores[-1]
-        metrics["teacher_score"] = max(scores)
-        metrics["retention"] = metrics["score"] / metrics["teacher_score"] if metrics["teacher_score"] else 0.0
         batch = self.collate_fn(list(records[:8]))  # the runner's latency batch
-        metrics.update(passes.size_and_speed(model, self.teachers[0], batch, self.device))
+        metrics.update(passes.teacher_comparison(metrics["score"], max(scores), model, self.teachers[0], batch,
+                                                 self.device))
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

@@ -75,6 +75,15 @@ def _teacher(value: Any) -> Any:
     return {"model": value} if isinstance(value, str) else value
 
 
+def check_schedules(alpha: Schedule, temperature: Schedule) -> None:
+    """α in [0, 1] and T > 0 at both ends of their schedules."""
+    for name in ("start", "end"):
+        if getattr(alpha, name) is not None and not 0 <= getattr(alpha, name) <= 1:
+            raise ValueError(f"alpha.{name} must be in [0, 1], got {getattr(alpha, name)}")
+        if getattr(temperature, name) is not None and getattr(temperature, name) <= 0:
+            raise ValueError(f"temperature.{name} must be > 0, got {getattr(temperature, name)}")
+
+
 class FeaturePair(ObjectiveConfig):
     """A hidden-state match between a student module and a teacher module (FitNets)."""
 
@@ -163,13 +172,7 @@ class DistillOptions(ObjectiveConfig):
     def _consistent(self) -> DistillOptions:
         if self.teacher is not None and self.teachers:
             raise ValueError("give either teacher or teachers, not both")
-        for name in ("start", "end"):
-            alpha = getattr(self.alpha, name)
-            if alpha is not None and not 0 <= alpha <= 1:
-                raise ValueError(f"alpha.{name} must be in [0, 1], got {alpha}")
-            temperature = getattr(self.temperature, name)
-            if temperature is not None and temperature <= 0:
-                raise ValueError(f"temperature.{name} must be > 0, got {temperature}")
+        check_schedules(self.alpha, self.temperature)
         if self.ensemble == "task" and any(t.tasks is None for t in self.all_teachers[:-1]):
             raise ValueError("ensemble 'task' needs 'tasks' on every teacher (the last may omit it: the fallback)")
         needs_teacher = self.features or self.attention or self.value_relation or self.relation \
@@ -181,3 +184,30 @@ class DistillOptions(ObjectiveConfig):
     @property
     def all_teachers(self) -> list[TeacherSpec]:
         return [self.teacher] if self.teacher is not None else list(self.teachers)
+
+
+class DistillClassificationOptions(ObjectiveConfig):
+    """Options of the ``distill_classification`` objective (see docs/distill.md § Classification)."""
+
+    teacher: TeacherSpec = Field(..., description="The teacher classifier (shorthand: a model name): a directory "
+                                 "of a classifier trained on the same labels, or any model with `finetune`.")
+    temperature: Schedule = Field(default_factory=lambda: Schedule(start=1.0))
+    alpha: Schedule = Field(default_factory=lambda: Schedule(start=0.5), description="Hard-label weight α: "
+                            "L = α CE + (1 − α) T² KL + Σ w_j L_j.")
+    features: list[FeaturePair] = Field(default_factory=list, description="Hidden-state pairs (FeatureTap names, "
+                                        "e.g. bert.encoder.layer.2), learned projection when widths differ.")
+    schedule_steps: int | None = Field(None, gt=0, description="Steps over which schedules run (default: max_steps).")
+    evaluate_teacher: bool = Field(True, description="Score the teacher on the test data and time both models.")
+
+    _teacher_string = field_validator("teacher", mode="before")(_teacher)
+    _schedules = field_validator("temperature", "alpha", mode="before")(_schedule)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillClassificationOptions:
+        check_schedules(self.alpha, self.temperature)
+        if self.teacher.model in SPECIAL_TEACHERS:
+            raise ValueError(f"teacher {self.teacher.model!r} is not supported for classification; give a model")
+        if self.teacher.tasks or (self.teacher.finetune and self.teacher.finetune.teacher):
+            raise ValueError("a classification teacher takes no tasks and no finetune.teacher (one teacher, "
+                             "fine-tuned on the labels)")
+        return self

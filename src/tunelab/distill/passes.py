@@ -60,7 +60,8 @@ def run(module: nn.Module, batch: dict[str, Any], names: Sequence[str], hidden: 
 
 
 def layer_names(model: nn.Module) -> list[str]:
-    """Names of the decoder layers (the ModuleList of ``config.num_hidden_layers`` blocks)."""
+    """Names of the transformer layers: the ModuleList of ``config.num_hidden_layers`` blocks
+    (``model.layers.<i>`` in Llama, ``bert.encoder.layer.<i>`` in BERT / MiniLM)."""
     count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == count:
@@ -125,15 +126,22 @@ def pair_name(pair: Any) -> str:
     return f"{pair.student}->{pair.teacher}"
 
 
-def feature_terms(options: Any, plan: Plan, student: Outputs, teacher: Outputs, projector: nn.Module | None,
-                  attention_mask: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
-    """Hidden-state, attention, value-relation and relation terms: ``{name: (weight, value)}``."""
+def hidden_terms(pairs: Sequence[Any], student: Outputs, teacher: Outputs, projector: nn.Module | None,
+                 attention_mask: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+    """``feature/<s>-><t>``: hidden MSE or cosine of each pair through its learned projection (FitNets)."""
     terms = {}
-    for pair in options.features:
+    for pair in pairs:
         name = pair_name(pair)
         loss = losses.hidden_mse if pair.loss == "mse" else losses.hidden_cosine
         terms[f"feature/{name}"] = (pair.weight, loss(student.features[pair.student], teacher.features[pair.teacher],
                                                       projection=lambda h, n=name: projector(n, h), mask=attention_mask))
+    return terms
+
+
+def feature_terms(options: Any, plan: Plan, student: Outputs, teacher: Outputs, projector: nn.Module | None,
+                  attention_mask: torch.Tensor) -> dict[str, tuple[float, torch.Tensor]]:
+    """Hidden-state, attention, value-relation and relation terms: ``{name: (weight, value)}``."""
+    terms = hidden_terms(options.features, student, teacher, projector, attention_mask)
     for pair in options.attention:
         terms[f"attention/{pair.student_layer}->{pair.teacher_layer}"] = (pair.weight, losses.attention_transfer(
             student.attentions[pair.student_layer], teacher.attentions[pair.teacher_layer], attention_mask))
@@ -257,6 +265,15 @@ def size_and_speed(student: nn.Module, teacher: nn.Module | None, batch: dict[st
                         f"{name}_latency_ms": 1000 * seconds, f"{name}_tokens_per_s": tokens / seconds})
     if "teacher" in models:
         metrics["speedup"] = metrics["teacher_latency_ms"] / metrics["student_latency_ms"]
+    return metrics
+
+
+def teacher_comparison(score: float, teacher_score: float, student: nn.Module, teacher: nn.Module | None,
+                       batch: dict[str, Any], device: Any) -> dict[str, float]:
+    """The metrics the report's distillation section reads: ``teacher_score``, ``retention`` (= score /
+    teacher score) and :func:`size_and_speed` of student and teacher on ``batch``."""
+    metrics = {"teacher_score": teacher_score, "retention": score / teacher_score if teacher_score else 0.0}
+    metrics.update(size_and_speed(student, teacher, batch, device))
     return metrics
 
 

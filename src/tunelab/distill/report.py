@@ -1,9 +1,11 @@
 """The distillation section of a report: teacher vs students — size, speed, score, retention.
 
-Built only from result files. Cells whose objective is ``distill`` carry the teacher's held-out
-score and a side-by-side timing of teacher and student (same batch, same process, alternating
-rounds; see ``passes.size_and_speed``); other cells (the labels-only baseline: objective ``sft``)
-contribute their own score, parameters and the runner's forward latency.
+Built only from result files. Cells whose objective distils (``distill``, ``distill_classification``)
+carry the teacher's held-out score and a side-by-side timing of teacher and student (same batch, same
+process, alternating rounds; see ``passes.size_and_speed``); other cells (the labels-only baseline:
+objective ``sft`` or ``classification``) contribute their own score, parameters and the runner's
+forward latency. A labels-only cell as large as the teacher (the teacher trained alone, a reference)
+is listed but is not the baseline that the students' gains are measured against.
 
     retention = student score / teacher score          speed-up = teacher latency / student latency
 """
@@ -14,6 +16,8 @@ import statistics
 from collections import defaultdict
 
 from tunelab.experiments.plots import ci95
+
+DISTILL_OBJECTIVES = ("distill", "distill_classification")
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -67,7 +71,8 @@ def markdown_section(results: list[dict]) -> str:
     teacher, students = rows(results)
     if teacher is None:
         return ""
-    baselines = [row for row in students if row["objective"] != "distill"]
+    baselines = [row for row in students if row["objective"] not in DISTILL_OBJECTIVES
+                 and not (row["parameters"] and teacher["parameters"] and row["parameters"] >= teacher["parameters"])]
     baseline = max(baselines, key=lambda row: row["score"]) if baselines else None
     lines = ["## Distillation: teacher vs students", "",
              "Retention = student score / teacher score (held-out test data). Latency: one forward pass over 8 "

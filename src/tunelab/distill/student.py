@@ -47,7 +47,8 @@ def init_from_teacher(teacher: nn.Module, every: int | None = None, layers: Sequ
     """A new model with the teacher's config and weights, keeping only the chosen decoder layers.
 
     Args:
-        teacher: a Hugging Face decoder (its layers in a ModuleList of ``config.num_hidden_layers``).
+        teacher: a Hugging Face decoder or encoder, any head (its layers in a ModuleList of
+            ``config.num_hidden_layers``: ``model.layers`` in Llama, ``bert.encoder.layer`` in BERT / MiniLM).
         every: keep layers 0, every, 2·every, ...
         layers: or the explicit teacher layer indices, in student order.
     """
@@ -59,11 +60,9 @@ def init_from_teacher(teacher: nn.Module, every: int | None = None, layers: Sequ
     source = teacher.get_submodule(parent_name)
     new_layers = nn.ModuleList(copy.deepcopy(source[i]) for i in keep)
     for position, layer in enumerate(new_layers):
-        attention = getattr(layer, "self_attn", None)
-        if attention is not None and hasattr(attention, "layer_idx"):
-            attention.layer_idx = position  # the KV cache is indexed by layer position
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = position
+        for module in layer.modules():  # Llama's self_attn, BERT's attention.self, ...
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = position  # the KV cache is indexed by layer position
     owner_name, _, attribute = parent_name.rpartition(".")
     owner = student.get_submodule(owner_name) if owner_name else student
     setattr(owner, attribute, new_layers)

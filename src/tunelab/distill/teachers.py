@@ -12,7 +12,8 @@ Several teachers combine into one distribution (temperature applied per teacher 
     task:        row b takes the teacher whose ``tasks`` hold its task (the last teacher: the fallback)
 
 and the mixture goes back to the losses as logits ``T · log p``, so that softmax(z / T) = p exactly.
-A teacher may be fine-tuned on the training records first (``finetune``), cached under
+A teacher may be fine-tuned on the training records first (``finetune``; a classifier teacher of
+``distill_classification`` with cross-entropy on a head for the run's labels), cached under
 ``$TUNELAB_HOME/distill/teachers/<hash>`` so every cell of a grid shares one fine-tuned teacher.
 """
 
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,18 +55,36 @@ def check_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any, student: nn
             raise ConfigError(f"teacher {name!r} has another tokenizer than the student ({len(teacher_vocab)} vs "
                               f"{len(student_vocab)} tokens, {differing} entries differ); distillation needs one "
                               "vocabulary: pick a teacher and student that share a tokenizer")
-    student_size = student.get_output_embeddings().weight.shape[0]
-    teacher_size = teacher.get_output_embeddings().weight.shape[0]
+    student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    if student_head is None or teacher_head is None:  # classifiers: class logits, no token head to compare
+        return
+    student_size, teacher_size = student_head.weight.shape[0], teacher_head.weight.shape[0]
     if student_size != teacher_size:
         raise ConfigError(f"teacher {name!r} predicts {teacher_size} tokens and the student {student_size}; "
                           "distillation needs one vocabulary: pick a teacher and student that share a tokenizer")
 
 
-def load_model(spec: TeacherSpec) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` of a teacher spec (not ``base`` / ``snapshot``), adapter applied."""
+def check_labels(student_labels: Sequence[str] | None, teacher: nn.Module, name: str) -> None:
+    """One-line ConfigError when a classifier teacher predicts another label set than the student."""
+    config = teacher.config
+    teacher_labels = [str(config.id2label[i]) for i in range(config.num_labels)]
+    if student_labels is not None and teacher_labels != list(student_labels):
+        raise ConfigError(f"teacher {name!r} predicts the labels {teacher_labels} and the student {list(student_labels)}; "
+                          "distillation needs one label set in one order: give teacher.finetune, or a classifier "
+                          "trained on these labels")
+
+
+def load_model(spec: TeacherSpec, task: str = "causal_lm", labels: Sequence[str] | None = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` of a teacher spec (not ``base`` / ``snapshot``), adapter applied.
+
+    ``task`` picks the head (``sequence_classification`` for a classifier teacher); ``labels`` gives a
+    new classification head these class names (a teacher about to be fine-tuned), ``None`` keeps the
+    model's own head and labels.
+    """
     from tunelab.models import zoo
 
-    model, tokenizer = zoo.load(spec.model, seed=spec.seed, progress=False)
+    model, tokenizer = zoo.load(spec.model, task=task, seed=spec.seed, label_names=None if labels is None
+                                else list(labels), progress=False)
     if spec.adapter is not None:
         from tunelab import tuners
 
@@ -73,24 +92,34 @@ def load_model(spec: TeacherSpec) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def cache_key(spec: TeacherSpec, records: Sequence[dict], template: str, max_length: int) -> str:
-    """Content hash of a fine-tuned teacher: its spec, the training records and the encoding."""
-    payload = json.dumps({"spec": spec.model_dump(mode="json"), "template": template, "max_length": max_length,
-                          "records": [[r.get("prompt"), r.get("response"), r.get("text")] for r in records]},
-                         sort_keys=True, default=str)
+def cache_key(spec: TeacherSpec, records: Sequence[dict], template: str, max_length: int,
+              labels: Sequence[str] | None = None) -> str:
+    """Content hash of a fine-tuned teacher: its spec, the training records and the encoding (and for a
+    classifier its label set and the records' labels)."""
+    content: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "template": template, "max_length": max_length,
+                               "records": [[r.get("prompt"), r.get("response"), r.get("text")] for r in records]}
+    if labels is not None:  # absent for LM teachers: their keys (and caches) stay what they were
+        content.update(labels=list(labels), record_labels=[str(r.get("label")) for r in records])
+    payload = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def finetuned(spec: TeacherSpec, records: Sequence[dict], template: str, max_length: int,
-              device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
-    """The teacher of ``spec`` fine-tuned on ``records`` (SFT; or distilled from ``finetune.teacher``), cached."""
+              device: torch.device | str = "cpu", labels: Sequence[str] | None = None) -> tuple[nn.Module, Any]:
+    """The teacher of ``spec`` fine-tuned on ``records``, cached.
+
+    A causal LM learns the responses (SFT; or is distilled from ``finetune.teacher``); with ``labels`` the
+    teacher is a sequence classifier with a new head for these classes, trained with cross-entropy on it
+    (the ``classification`` objective's loss).
+    """
     from tunelab.models import zoo
 
-    key = cache_key(spec, records, template, max_length)
+    task = "causal_lm" if labels is None else "sequence_classification"
+    key = cache_key(spec, records, template, max_length, labels)
     path = tunelab_home() / "distill" / "teachers" / key
     if (path / "config.json").is_file():
-        return zoo.load(str(path), progress=False)
-    model, tokenizer = load_model(spec)
+        return zoo.load(str(path), task=task, progress=False)
+    model, tokenizer = load_model(spec, task, labels)
     guide = None
     if spec.finetune.teacher is not None:
         guide = finetuned(spec.finetune.teacher, records, template, max_length, device) \
@@ -98,7 +127,15 @@ def finetuned(spec: TeacherSpec, records: Sequence[dict], template: str, max_len
         check_vocabulary(tokenizer, guide[1], model, guide[0], spec.finetune.teacher.model)
         guide = freeze(guide[0].to(device))
     logger.info("fine-tuning teacher %s for %d steps (cached as %s)", spec.model, spec.finetune.max_steps, path)
-    _sft(model.to(device), tokenizer, records, spec, template, max_length, guide)
+    if labels is None:
+        from tunelab.data.collate import SFTCollator
+
+        collate, loss = SFTCollator(tokenizer, max_length=max_length, template=template), _sft_loss(guide)
+    else:
+        from tunelab.data.collate import ClassificationCollator
+
+        collate, loss = ClassificationCollator(tokenizer, list(labels), max_length=max_length), _classifier_loss
+    _fit(model.to(device), records, spec.finetune, collate, loss)
     if spec.adapter is not None:
         from tunelab import tuners
 
@@ -123,14 +160,9 @@ def finetuned(spec: TeacherSpec, records: Sequence[dict], template: str, max_len
     return model, tokenizer
 
 
-def _sft(model: nn.Module, tokenizer: Any, records: Sequence[dict], spec: TeacherSpec, template: str,
-         max_length: int, guide: nn.Module | None) -> None:
-    """A plain AdamW loop (own RNG, global RNG untouched): CE, or ½ CE + ½ KL(guide ‖ model)."""
-    from tunelab.data.collate import SFTCollator
-    from tunelab.distill import losses
-
-    options = spec.finetune
-    collate = SFTCollator(tokenizer, max_length=max_length, template=template)
+def _fit(model: nn.Module, records: Sequence[dict], options: Any, collate: Callable[[list[dict]], dict],
+         loss_of: Callable[[nn.Module, dict], torch.Tensor]) -> None:
+    """A plain AdamW loop with linear decay (own RNG, global RNG untouched) over ``loss_of(model, batch)``."""
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate)
@@ -146,20 +178,36 @@ def _sft(model: nn.Module, tokenizer: Any, records: Sequence[dict], spec: Teache
                 order += torch.randperm(len(records), generator=generator).tolist()
             indices, order = order[: options.batch_size], order[options.batch_size:]
             batch = {k: v.to(device) for k, v in collate([records[i] for i in indices]).items()}
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            labels = batch["labels"][:, 1:]
-            loss = losses.hard_label_ce(out.logits[:, :-1], labels)
-            if guide is not None:
-                with torch.no_grad():
-                    guide_logits = guide(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                kd = losses.forward_kl(out.logits[:, :-1], guide_logits[:, :-1], mask=losses.mask_from_labels(labels))
-                loss = losses.mix_with_hard_labels(loss, kd, 0.5)
-            loss.backward()
+            loss_of(model, batch).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     freeze(model)
+
+
+def _sft_loss(guide: nn.Module | None) -> Callable[[nn.Module, dict], torch.Tensor]:
+    """CE on the response tokens, or ½ CE + ½ KL(guide ‖ model) when a guide teaches the teacher."""
+    from tunelab.distill import losses
+
+    def loss_of(model: nn.Module, batch: dict) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        labels = batch["labels"][:, 1:]
+        loss = losses.hard_label_ce(out.logits[:, :-1], labels)
+        if guide is not None:
+            with torch.no_grad():
+                guide_logits = guide(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            kd = losses.forward_kl(out.logits[:, :-1], guide_logits[:, :-1], mask=losses.mask_from_labels(labels))
+            loss = losses.mix_with_hard_labels(loss, kd, 0.5)
+        return loss
+
+    return loss_of
+
+
+def _classifier_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Cross-entropy of the head's class logits (B, C) against the labels (B,)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, C)
+    return nn.functional.cross_entropy(logits.float(), batch["labels"])
 
 
 def snapshot(model: nn.Module) -> nn.Module:

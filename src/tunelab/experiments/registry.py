@@ -27,6 +27,7 @@ from tunelab.adapt import (
     RouterObjective,
 )
 from tunelab.align import DPOObjective, GRPOObjective, KTOObjective, PPOObjective, RewardObjective
+from tunelab.distill.classification import DistillClassificationObjective
 from tunelab.distill.objective import DistillObjective
 from tunelab.errors import ConfigError
 from tunelab.multitask import MultitaskEncoderObjective, MultitaskObjective
@@ -125,6 +126,8 @@ register_objective("ppo", PPOObjective, "PPO: sample, score, clipped surrogate +
 register_objective("grpo", GRPOObjective, "GRPO: G samples per prompt, group-normalised advantages, no value model")
 register_objective("distill", DistillObjective, "knowledge distillation: response / feature / relation terms from "
                    "teacher(s), ensembles, self-, online and sequence-level KD, schedules")
+register_objective("distill_classification", DistillClassificationObjective, "knowledge distillation of a "
+                   "classifier: α CE + (1 − α) T² KL over the teacher's class logits (Hinton), optional features")
 register_objective("multitask", MultitaskObjective,
                    "multi-task learning on a decoder: task heads + LM head, shared/per-task/hierarchical adapters")
 register_objective("multitask_encoder", MultitaskEncoderObjective,
