@@ -370,3 +370,29 @@ eval: {{max_new_tokens: 4, latency_batches: 1}}
     with pytest.raises(ConfigError, match="not layers of a 4-layer"):
         from tunelab.experiments.preflight import load_model
         load_model(load_spec(config, ["model.layers=[7]"]), "causal_lm", None, progress=False)
+
+
+def test_report_measures_each_student_against_the_labels_only_cell_of_its_size():
+    """Two student sizes in one run: each distilled student's gain is over the labels-only cell with its
+    own parameter count (a cut 2-layer student is not credited with the 4-layer baseline's score), with
+    the 95% CI of the difference when both have seeds."""
+    from tunelab.distill.report import markdown_section
+
+    def result(label, objective, score, parameters, seed):
+        metrics = {"score": score}
+        if objective == "distill":
+            metrics |= {"teacher_score": 0.5, "teacher_parameters": 1000, "student_parameters": parameters,
+                        "teacher_latency_ms": 4.0, "student_latency_ms": 2.0, "speedup": 2.0}
+        return {"method_label": label, "objective": objective, "total_parameters": parameters,
+                "inference_latency_ms": 2.0, "metrics": metrics, "seed": seed}
+
+    results = []
+    for seed, noise in enumerate((-0.01, 0.0, 0.01)):
+        results += [result("big-labels", "sft", 0.40 + noise, 500, seed),
+                    result("big-kd", "distill", 0.45 + noise, 500, seed),
+                    result("small-labels", "sft", 0.20 + noise, 250, seed),
+                    result("small-kd", "distill", 0.30 + noise, 250, seed)]
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in markdown_section(results).splitlines()
+             if line.startswith("| ")}
+    assert " +0.0500 ± " in lines["big-kd"] and " +0.1000 ± " in lines["small-kd"]
+    assert "+0.2" not in lines["small-labels"] and "| – |" in lines["small-labels"]

@@ -74,11 +74,18 @@ def markdown_section(results: list[dict]) -> str:
     baselines = [row for row in students if row["objective"] not in DISTILL_OBJECTIVES
                  and not (row["parameters"] and teacher["parameters"] and row["parameters"] >= teacher["parameters"])]
     baseline = max(baselines, key=lambda row: row["score"]) if baselines else None
+    by_size = {}  # a student's own baseline: the labels-only cell of its size (a smaller cut student has one)
+    for row in sorted(baselines, key=lambda row: row["score"]):
+        by_size[row["parameters"]] = row
     lines = ["## Distillation: teacher vs students", "",
              "Retention = student score / teacher score (held-out test data). Latency: one forward pass over 8 "
              "test examples, median; for distilled cells timed beside the teacher in the same process "
              "(speed-up = teacher / student latency), for other cells the runner's own timing. "
-             + (f"Baseline: **{baseline['label']}** (objective `{baseline['objective']}`, labels only)."
+             + (f"Baseline: **{baseline['label']}** (objective `{baseline['objective']}`, labels only)"
+                + (", or the labels-only cell of the student's own size ("
+                   + ", ".join(f"{r['label']}: {r['parameters']:,}" for r in by_size.values()) + " parameters)"
+                   if len(by_size) > 1 else "")
+                + "; ± = 95% CI of the difference, √(CI₁² + CI₂²) over seeds."
                 if baseline else "No labels-only baseline in this run."), "",
              "| model | objective | seeds | score | retention | vs baseline | parameters | weights MB | latency ms "
              "| tokens/s | speed-up |",
@@ -89,7 +96,12 @@ def markdown_section(results: list[dict]) -> str:
     for row in students:
         score = f"{row['score']:.4f}" + (f" ± {row['ci95']:.4f}" if row["seeds"] > 1 else "")
         retention = "–" if row["retention"] is None else f"{100 * row['retention']:.1f}%"
-        delta = "–" if baseline is None or row is baseline else f"{row['score'] - baseline['score']:+.4f}"
+        own = by_size.get(row["parameters"], baseline)
+        delta = "–"
+        if own is not None and row is not own and row not in by_size.values():
+            delta = f"{row['score'] - own['score']:+.4f}"
+            if row["seeds"] > 1 and own["seeds"] > 1:
+                delta += f" ± {(row['ci95'] ** 2 + own['ci95'] ** 2) ** 0.5:.4f}"
         lines.append(f"| {row['label']} | {row['objective']} | {row['seeds']} | {score} | {retention} | {delta} | "
                      f"{_format(row['parameters'], ',.0f')} | {_format(row['weights_mb'], '.1f')} | "
                      f"{_format(row['latency_ms'], '.2f')} | {_format(row['tokens_per_s'], ',.0f')} | "
