@@ -104,10 +104,12 @@ def test_user_mistakes_raise_one_line_errors() -> None:
         tuners.apply(testing.tiny_bert(), "bottleneck", layers_to_transform=[5])
     with pytest.raises(MethodError, match="is not a Linear"):
         tuners.apply(testing.tiny_bert(), "bottleneck", ffn_output="output.LayerNorm")
-    lora_model = tuners.apply(testing.tiny_llama(), "lora", target_modules=["down_proj"])
-    with pytest.raises(MethodError, match="already wrapped"):
-        tuners.apply(lora_model, "bottleneck", adapter_name="adapter")
-    assert [type(layer).__name__ for _, layer in tuners.tuner_layers(lora_model)] == ["LoraLayer"] * 2  # untouched
+    # LoRA's layer stacks under an adapter (test_multi_peft.py); a trained copy (modules_to_save) does not
+    copy_model = tuners.apply(testing.tiny_llama(), "lora", target_modules=["q_proj"], modules_to_save=["down_proj"])
+    with pytest.raises(MethodError, match="already wrapped by ModulesToSaveLayer"):
+        tuners.apply(copy_model, "bottleneck", adapter_name="adapter")
+    assert tuners.adapters(copy_model).keys() == {"default"}  # untouched
+    assert {type(layer).__name__ for _, layer in tuners.tuner_layers(copy_model)} == {"LoraLayer", "ModulesToSaveLayer"}
     with pytest.raises(MethodError, match="stack of transformer blocks"):
         tuners.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), "bottleneck")
     with pytest.raises(MethodError, match="placement"):

@@ -91,15 +91,27 @@ def ranked_groups(rows: list[dict]) -> list[tuple[int, frozenset[str], bool, lis
     return [(size, tasks, per_size[size] > 1, group) for size, tasks, group in groups
             if per_size[size] == 1 or len(group) >= 2]
 
+
+def method_names(result: dict) -> str:
+    """The registered method(s) behind a result: ``lora``, or ``lora+ia3`` for a combination."""
+    return "+".join([result["method"], *result.get("combined_methods", [])])
+
+
 def _method_notes(label: str, results_by_label: dict[str, str]) -> str:
+    """The math of the method behind ``label`` (:func:`method_names`); each part's, for a combination."""
     from tunelab.tuners import registry
 
-    name = results_by_label.get(label, label)
-    try:
-        entry = registry.get(name)
-    except Exception:  # a method no longer registered
-        return ""
-    return entry.notes or entry.summary
+    names = results_by_label.get(label, label).split("+")
+    notes = []
+    for name in names:
+        try:
+            entry = registry.get(name)
+        except Exception:  # a method no longer registered
+            return ""
+        notes.append(entry.notes or entry.summary)
+    if len(names) == 1:
+        return notes[0]
+    return "trained jointly on one model: " + " + ".join(f"{name}: {note}" for name, note in zip(names, notes, strict=True))
 
 
 def _score(row: dict) -> str:
@@ -110,7 +122,7 @@ def markdown_section(results: list[dict], rows: list[dict]) -> str:
     """``## Analysis``: best per budget, ties, and why, per training-set size."""
     if not rows:
         return ""
-    method_of = {r["method_label"]: r["method"] for r in results}
+    method_of = {r["method_label"]: method_names(r) for r in results}
     lines = ["## Analysis", "",
              "Generated from the results above. *Best per budget* walks the Pareto frontier of held-out score "
              "against each cost: with at most that cost, that method scores best. *Tied* means the 95% "

@@ -3,6 +3,7 @@
 - :func:`load_model` loads the spec's model with the head its objective's model task needs (a broken
   model directory is a one-line :class:`~tunelab.errors.ModelError`);
 - :func:`apply_method` applies a PEFT method and keeps a task head tunelab added trainable;
+  :func:`apply_methods` applies a method with the methods it combines (``method.combine``);
 - :func:`stage_splits` builds (and caches) a stage's data splits;
 - :func:`preflight` fails fast, before anything is written: output directory, data, model, every
   method's options and targets, prompt lengths against the model's positions, one collated batch
@@ -19,7 +20,7 @@ from tunelab.errors import ConfigError, DataError, ModelError, TunelabError
 from tunelab.experiments import registry
 from tunelab.experiments.data import build_splits
 from tunelab.experiments.rundir import check_writable
-from tunelab.experiments.spec import Cell, ExperimentSpec, MethodSpec, Stage, resolve_stages
+from tunelab.experiments.spec import Cell, CombinedMethod, ExperimentSpec, MethodSpec, Stage, resolve_stages
 
 HEAD_NAMES = ("score", "classifier")  # heads that transformers adds for classification tasks
 
@@ -44,24 +45,28 @@ def load_model(spec: ExperimentSpec, model_task: str, labels: list[str] | None, 
     return model, tokenizer
 
 
-def apply_method(model, method: MethodSpec, model_task: str, adapter_name: str = "default"):
-    """Apply a method; a task head added by tunelab (``classifier``/``score``) always trains.
+def apply_method(model, method: MethodSpec | CombinedMethod, model_task: str, adapter_name: str = "default"):
+    """Apply one method (not the ones it combines: :func:`apply_methods`); a task head added by tunelab
+    (``classifier``/``score``) always trains.
 
     Methods that support PEFT's ``modules_to_save`` get the head there (so it is saved with the
-    adapter); for the others, the head's parameters are simply unfrozen.
+    adapter); for the others, the head's parameters are simply unfrozen. A combined method leaves the
+    head to the main method's adapter (one trained copy of it, not one per adapter).
     """
     from tunelab import tuners
     from tunelab.tuners import registry
 
     options = dict(method.options)
     heads = []
+    fields = registry.get(method.name).config_class.model_fields
     if model_task != "causal_lm" and method.name != "full":
         leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         heads = [name for name in HEAD_NAMES if name in leaf_names]
-        fields = registry.get(method.name).config_class.model_fields
         if heads and "modules_to_save" in fields and not options.get("modules_to_save") and adapter_name == "default":
             options["modules_to_save"] = heads
             heads = []
+    if isinstance(method, CombinedMethod) and "modules_to_save" in fields and "modules_to_save" not in options:
+        options["modules_to_save"] = None  # tuners.apply would otherwise give this adapter a head copy too
     kwargs = {} if adapter_name == "default" else {"adapter_name": adapter_name}
     model = tuners.apply(model, method.name, **options, **kwargs)
     for name, parameter in model.named_parameters():
@@ -82,13 +87,40 @@ def stage_splits(stage: Stage, cache: dict | None = None, notes: list[str] | Non
     return entry, splits
 
 
+def apply_methods(model, method: MethodSpec, model_task: str, adapter_name: str = "default"):
+    """Apply ``method`` as ``adapter_name`` and each method it combines as its own adapter
+    (``MethodSpec.adapters``); all of them join the active adapters and train. A combined method the
+    model refuses (QLoRA's 4-bit layers under another method, DoRA around one, ...) is a one-line
+    ConfigError naming the combination."""
+    from tunelab import tuners
+
+    active = tuners.active_adapters(model)
+    parts = method.adapters(adapter_name)
+    for index, (part, name) in enumerate(parts):
+        try:
+            model = apply_method(model, part, model_task, name)
+        except TunelabError as error:
+            if index == 0:
+                raise
+            raise ConfigError(f"method {method.display!r}: {part.name} cannot be combined with "
+                              f"{' + '.join(p.name for p, _ in parts[:index])} on this model: {error}") from None
+    tuners.set_active(model, [*active, *(name for _, name in parts)])
+    return model
+
+
 PROMPT_OPTIONS = ("num_virtual_tokens",)  # options that add positions to every sequence
 
 
-def cell_methods(spec: ExperimentSpec, stages: list[Stage]) -> list[tuple[MethodSpec, str]]:
-    """``(method, adapter name)`` in the order a cell applies them: the experiment's method as ``default``,
-    then each stage's own method under the stage's name."""
+def method_entries(spec: ExperimentSpec, stages: list[Stage]) -> list[tuple[MethodSpec, str]]:
+    """``(method entry, adapter name)`` of a cell: the experiment's method as ``default``, then each stage's
+    own method under the stage's name (an entry may combine further methods: :func:`cell_methods`)."""
     return [(spec.method, "default")] + [(s.method, s.name) for s in stages if s.method is not None]
+
+
+def cell_methods(spec: ExperimentSpec, stages: list[Stage]) -> list[tuple[MethodSpec | CombinedMethod, str]]:
+    """``(method, adapter name)`` of every adapter a cell applies, in order: each entry of
+    :func:`method_entries` followed by the methods it combines (``MethodSpec.adapters``)."""
+    return [part for method, name in method_entries(spec, stages) for part in method.adapters(name)]
 
 
 def preflight(cells: list[Cell], progress: bool = True, notes: list[str] | None = None) -> None:
@@ -129,8 +161,8 @@ def preflight(cells: list[Cell], progress: bool = True, notes: list[str] | None 
         if method_key not in seen_methods:
             _check_prompt_length(base, methods, max([s.data.max_length for s in stages] + [probe_length]))
             model = copy.deepcopy(base)
-            for method, adapter_name in methods:
-                model = apply_method(model, method, model_task, adapter_name)
+            for method, adapter_name in method_entries(spec, stages):
+                model = apply_methods(model, method, model_task, adapter_name)
             seen_methods.add(method_key)
 
 
@@ -173,13 +205,20 @@ def _check_general_probe(spec: ExperimentSpec, model_task: str, model, checked: 
 
 
 def _check_prompt_length(model, methods, max_length: int) -> None:
-    """Virtual tokens (prompt/prefix tuning) plus the longest sequence must fit the model's positions."""
+    """Virtual tokens (prompt/prefix tuning) plus the longest sequence must fit the model's positions;
+    the virtual tokens of every method of a cell add up (they are all active at once)."""
     from tunelab.eval.generate import position_limit
 
     limit = position_limit(model)
-    for method, _ in methods:
-        for option in PROMPT_OPTIONS:
-            value = method.options.get(option)
-            if isinstance(value, int) and limit is not None and value + max_length > limit:
-                raise ConfigError(f"method {method.name!r}: {option}={value} plus data.max_length={max_length} "
-                                  f"exceeds the model's {limit} positions; use {option} <= {max(limit - max_length, 1)}")
+    counted = [(method.name, option, method.options[option]) for method, _ in methods for option in PROMPT_OPTIONS
+               if isinstance(method.options.get(option), int)]
+    total = sum(value for _, _, value in counted)
+    if not counted or limit is None or total + max_length <= limit:
+        return
+    if len(counted) == 1:
+        name, option, value = counted[0]
+        raise ConfigError(f"method {name!r}: {option}={value} plus data.max_length={max_length} "
+                          f"exceeds the model's {limit} positions; use {option} <= {max(limit - max_length, 1)}")
+    raise ConfigError(f"methods {' + '.join(name for name, _, _ in counted)}: {total} virtual tokens "
+                      f"({' + '.join(str(value) for _, _, value in counted)}) plus data.max_length={max_length} "
+                      f"exceed the model's {limit} positions; use at most {max(limit - max_length, 1)} in all")

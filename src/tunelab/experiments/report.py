@@ -173,7 +173,7 @@ def write_report(run_dir: str | Path, price_per_hour: float | None = None) -> tu
     plots.mkdir(exist_ok=True)
     (plots / "loss_curves.png").write_bytes(loss_png)
     (plots / "quality_vs_parameters.png").write_bytes(quality_png)
-    methods = sorted({r["method"] for r in results})
+    methods = sorted({name for r in results for name in [r["method"], *r.get("combined_methods", [])]})
     notes = "\n".join(f"- **{m}** — {_method_notes(m)}" for m in methods)
     matrices = report_stages.stage_matrices(results)
     stage_png = report_stages.plot_stage_matrices(matrices)

@@ -40,7 +40,7 @@ from tunelab.adapt.store import store
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.experiments import distributed, pricing, registry, rundir
 from tunelab.experiments import jobs as parallel
-from tunelab.experiments.preflight import apply_method, load_model, preflight, stage_splits
+from tunelab.experiments.preflight import apply_methods, load_model, preflight, stage_splits
 from tunelab.experiments.rundir import RunLock, check_writable
 from tunelab.experiments.spec import (
     Cell,
@@ -104,7 +104,7 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, isolate: bool = 
         def start(index: int, cell: Cell) -> None:
             resumed = (run_dir / ".work" / cell.run_id / "key").is_file()
             _say(console, f"[{index}/{len(cells)}] {cell.run_id}: {'resuming' if resumed else 'training'} "
-                          f"{cell.spec.method.name}")
+                          f"{cell.spec.method.display}")
 
         if jobs > 1 and len(todo) > 1:
             env = parallel.thread_env(min(jobs, len(todo)))
@@ -225,15 +225,17 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
     untuned = _untuned(run_dir, spec, stages, prepared, model, tokenizer, progress) if main else None
     probe = _GeneralProbe(run_dir, spec, model_task, model, tokenizer) if main else None  # its "before"
     seed_everything(spec.train.seed)  # the method initialises as if the untuned evaluation had not run
-    model = apply_method(model, spec.method, model_task)
+    model = apply_methods(model, spec.method, model_task)
+    rates = combined_rates(spec.method, "default")
     objectives, stage_records, history, matrix, predictions = [], [], [], [], []
     train_seconds, tokens_per_second, final_eval_loss = 0.0, 0.0, None
     trained_names: set[str] = set()
     kill_at = int(os.environ.get("TUNELAB_KILL_AT_STEP", "0"))  # fault injection for the resume tests
     for index, (stage, _, train_records, eval_records, _, labels) in enumerate(prepared):
         if stage.method is not None:
-            model = apply_method(model, stage.method, model_task, adapter_name=stage.name)
-            _train_only(model, stage.name)
+            model = apply_methods(model, stage.method, model_task, adapter_name=stage.name)
+            _train_only(model, [name for _, name in stage.method.adapters(stage.name)])
+            rates = combined_rates(stage.method, stage.name)
         objective = registry.build_objective(stage.objective.name, stage.objective.options)
         objective.collator(tokenizer, labels, max_length=stage.data.max_length, template=stage.data.template)
         objectives.append(objective)
@@ -247,7 +249,8 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
             result = train(model, train_records, objective, stage.train, eval_records=eval_records or None,
                            output_dir=stage_dir, progress=progress, resume=True,
                            callbacks=[*(callbacks or []), *([_killer(kill_at)] if kill_at else [])] or None,
-                           param_groups=loraplus_groups(model, stage.train.learning_rate, stage.train.weight_decay))
+                           param_groups=optimizer_groups(model, rates, stage.train.learning_rate,
+                                                         stage.train.weight_decay))
             objective.on_stage_end(model, train_records)
             # what the objective's setup made trainable (multitask's per-task adapters) is the stage's too
             trained_names |= {name for name, p in model.named_parameters() if p.requires_grad}
@@ -309,6 +312,11 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
     }
     if general is not None:
         record["general_probe"] = general
+    if spec.method.combine:
+        record["combined_methods"] = [part.name for part in spec.method.combine]
+        record["trainable_parameters_by_adapter"] = {
+            name: sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and name in n.split("."))
+            for _, name in spec.method.adapters()}
     record["outputs"] = _save_outputs(run_dir, cell.run_id, model, predictions, objectives)
     if len(prepared) > 1:
         record["stages"] = stage_records
@@ -499,15 +507,52 @@ def _stage_objective(prepared_stage, tokenizer):
     return objective
 
 
-def _train_only(model, adapter_name: str) -> None:
-    """A stage's new adapter trains alone: earlier adapters stay active but frozen."""
+def _train_only(model, adapter_names: list[str]) -> None:
+    """A stage's new adapters (its method and the methods it combines) train alone: earlier adapters stay
+    active but frozen."""
     from tunelab import tuners
 
     names = tuners.adapters(model)
     tuners.set_active(model, names)
     for name, parameter in model.named_parameters():
-        if parameter.requires_grad and f".{adapter_name}" not in name and not name.endswith(adapter_name):
+        if parameter.requires_grad and not any(f".{own}" in name or name.endswith(own) for own in adapter_names):
             parameter.requires_grad_(False)
+
+
+def combined_rates(method, adapter_name: str) -> dict[str, float]:
+    """``{adapter name: learning rate}`` of the methods ``method`` combines that set their own rate."""
+    return {name: part.learning_rate for part, name in method.adapters(adapter_name)[1:]
+            if part.learning_rate is not None}
+
+
+def optimizer_groups(model, rates: dict[str, float], learning_rate: float, weight_decay: float) -> list[dict] | None:
+    """The optimizer groups of a stage, or None for the default ones (every trainable parameter at
+    ``learning_rate``; matrices with weight decay, vectors without).
+
+    Each adapter in ``rates`` (a combined method with its own ``learning_rate``) gets its trainable
+    parameters at that rate, split for weight decay as the default groups are; the schedule scales every
+    group alike. The other parameters come first, at ``learning_rate`` (the rate the history logs), in
+    LoRA+'s groups when ``loraplus_lr_ratio`` is set (:func:`loraplus_groups`).
+    """
+    loraplus = loraplus_groups(model, learning_rate, weight_decay)
+    if not rates:
+        return loraplus
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    own = {adapter: [p for name, p in trainable if adapter in name.split(".")] for adapter in rates}
+    taken = {id(p) for params in own.values() for p in params}
+    if loraplus is not None:
+        groups = [{**group, "params": [p for p in group["params"] if id(p) not in taken]} for group in loraplus]
+    else:
+        groups = _decay_groups([p for _, p in trainable if id(p) not in taken], learning_rate, weight_decay)
+    for adapter, rate in rates.items():
+        groups += _decay_groups(own[adapter], rate, weight_decay)
+    return [group for group in groups if group["params"]]
+
+
+def _decay_groups(params: list, learning_rate: float, weight_decay: float) -> list[dict]:
+    """Matrices with weight decay, vectors (biases, norms, scales) without, as the default groups."""
+    return [{"params": [p for p in params if p.ndim >= 2], "lr": learning_rate, "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "lr": learning_rate, "weight_decay": 0.0}]
 
 
 def loraplus_groups(model, learning_rate: float, weight_decay: float) -> list[dict] | None:

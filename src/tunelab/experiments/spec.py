@@ -18,6 +18,7 @@ grid:
   methods:
     - {name: full, train: {learning_rate: 3.0e-4}}
     - {name: lora, options: {r: 16}}
+    - {name: lora, combine: [{name: prefix_tuning, learning_rate: 1.0e-2}]}   # trained jointly: lora+prefix_tuning
   seeds: [0, 1, 2]
 stages:                            # optional: each entry overrides data / objective / method / train
   - {name: medical, data: {domain: medical}}
@@ -41,6 +42,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -96,6 +98,17 @@ def _objective_from_string(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
+class CombinedMethod(_Strict):
+    """A method stacked on an entry's main method (``combine``): applied after it to the same model as an
+    adapter of its own, active with it and trained jointly with it."""
+
+    name: str = Field(..., description="A registered method (see `tunelab methods`).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Its options, HF PEFT field names.")
+    learning_rate: float | None = Field(None, gt=0, description="Its own learning rate: its parameters get an "
+                                        "optimizer group at this rate, on the cell's schedule. Default: the "
+                                        "cell's train.learning_rate (the main method's).")
+
+
 class MethodSpec(_Strict):
     name: str = Field("lora", description="A registered method (see `tunelab methods`).")
     options: dict[str, Any] = Field(default_factory=dict, description="Method options, HF PEFT field names.")
@@ -106,10 +119,45 @@ class MethodSpec(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="Grid entries only: dotted keys of the "
                                       "cell spec set for this entry (e.g. {objective: {name: icl}, stages: [...]}), "
                                       "so strategies that differ in objective or stages sit in one grid.")
+    combine: list[CombinedMethod] = Field(default_factory=list, description="Methods applied after this one to "
+                                          "the same model, each as its own adapter, all active and trained "
+                                          "jointly in one optimizer (LoRA + prefix tuning, LoRA + (IA)3, ...).")
+
+    @model_serializer(mode="wrap")
+    def _without_empty_combine(self, handler):
+        """``combine`` is left out of dumps when unset: single methods keep their cell keys and saved configs."""
+        data = handler(self)
+        if not self.combine and isinstance(data, dict):
+            data.pop("combine", None)
+        return data
 
     @property
     def display(self) -> str:
-        return self.label or self.name
+        """The label, else the method names joined by '+' (``lora+prefix_tuning``)."""
+        return self.label or "+".join([self.name, *(part.name for part in self.combine)])
+
+    def cell_entry(self) -> dict[str, Any]:
+        """The ``method`` section of a cell built from this entry (label, train and overrides go elsewhere)."""
+        entry: dict[str, Any] = {"name": self.name, "options": self.options}
+        if self.combine:
+            entry["combine"] = [part.model_dump() for part in self.combine]
+        return entry
+
+    def adapters(self, adapter_name: str = "default") -> list[tuple[MethodSpec | CombinedMethod, str]]:
+        """``(method, adapter name)`` in the order they are applied: this method as ``adapter_name``, then each
+        combined one named after it (``prefix_tuning``; ``<stage>_<method>`` for a stage's; ``_2``, ``_3``
+        for a method used again)."""
+        parts: list[tuple[MethodSpec | CombinedMethod, str]] = [(self, adapter_name)]
+        taken = {adapter_name}
+        for part in self.combine:
+            name = part.name if adapter_name == "default" else f"{adapter_name}_{part.name}"
+            base, count = name, 1
+            while name in taken:
+                count += 1
+                name = f"{base}_{count}"
+            taken.add(name)
+            parts.append((part, name))
+        return parts
 
 
 FILE_DOMAIN = "general"  # the domain of a data file's rows when neither a `domain` column nor data.domain names one
@@ -206,7 +254,8 @@ class StageSpec(_Strict):
     data: dict[str, Any] = Field(default_factory=dict, description="Overrides of the data section.")
     objective: ObjectiveSpec | None = Field(None, description="This stage's objective (default: the experiment's).")
     method: MethodSpec | None = Field(None, description="A method added for this stage as a new adapter named "
-                                      "after the stage; only it trains. Default: keep training the model as it is.")
+                                      "after the stage; only it (and the methods it combines, as "
+                                      "<stage>_<method>) trains. Default: keep training the model as it is.")
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the train section.")
 
     _objective_string = field_validator("objective", mode="before")(_objective_from_string)
@@ -304,8 +353,9 @@ def validate(raw: dict[str, Any], source: str = "config") -> ExperimentSpec:
     return spec
 
 
-def check_method(method: MethodSpec, where: str, source: str) -> None:
-    """Validate a method's name and options against the method registry (one line naming the key)."""
+def check_method(method: MethodSpec | CombinedMethod, where: str, source: str) -> None:
+    """Validate a method's name and options against the method registry (one line naming the key), and
+    the methods it combines: their options, and that each can share the model with the others."""
     from tunelab.tuners import registry
 
     if method.name not in registry.methods():
@@ -320,6 +370,18 @@ def check_method(method: MethodSpec, where: str, source: str) -> None:
         registry.build_config(method.name, method.options)
     except TunelabError as error:
         raise ConfigError(f"{source}: invalid config at '{where}.options': {error}") from None
+    combined = getattr(method, "combine", [])  # a combined entry has none of its own
+    for index, part in enumerate(combined):
+        check_method(part, f"{where}.combine.{index}", source)
+        if part.learning_rate is not None and part.learning_rate > MAX_LEARNING_RATE:
+            raise ConfigError(f"{source}: invalid config at '{where}.combine.{index}.learning_rate': "
+                              f"{part.learning_rate:g} diverges at once; use at most {MAX_LEARNING_RATE:g}")
+    names = [method.name, *(part.name for part in combined)]
+    exclusive = next((name for name in names if not registry.get(name).keeps_base_weights), None)
+    if combined and exclusive:
+        raise ConfigError(f"{source}: invalid config at '{where}.combine': {' + '.join(names)} cannot train together: "
+                          f"{exclusive!r} trains every base weight, which the other methods' adapters are built on; "
+                          "compare it alone")
 
 
 def check_options(spec: ExperimentSpec, source: str) -> None:
@@ -485,7 +547,7 @@ def expand_grid(spec: ExperimentSpec) -> list[Cell]:
                               f"{clean_run_id(label)!r}; give them labels that differ in letters or digits")
     for method, size, seed, combo in itertools.product(methods, sizes, seeds, itertools.product(*param_values)):
         raw = _deep_copy(base)
-        raw["method"] = {"name": method.name, "options": method.options}
+        raw["method"] = method.cell_entry()
         raw["train"] = {**raw["train"], **method.train, "seed": seed}
         for key, value in method.overrides.items():
             set_dotted(raw, key, _deep_copy(value))

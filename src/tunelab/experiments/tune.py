@@ -97,7 +97,7 @@ def cell_for(spec: ExperimentSpec, target: Target, params: dict[str, Any], run_i
     """The cell of one trial: the spec at its own data size and seed, the target's method, the sampled values."""
     raw = spec.model_dump(mode="json", exclude={"grid", "search"})
     method = target.method
-    raw["method"] = {"name": method.name, "options": dict(method.options)}
+    raw["method"] = {**method.cell_entry(), "options": dict(method.options)}
     raw["train"] = {**raw["train"], **method.train}
     for key, value in method.overrides.items():
         spec_module.set_dotted(raw, key, value)
@@ -318,7 +318,7 @@ def best_method(target: Target, study) -> MethodSpec:
         else:
             overrides[key] = value
     return MethodSpec(name=target.method.name, options=options, train=train, label=target.method.label,
-                      overrides=overrides)
+                      overrides=overrides, combine=target.method.combine)
 
 
 def _decode(value: Any) -> Any:

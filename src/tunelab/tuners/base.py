@@ -20,6 +20,8 @@ What a wrapper layer provides (:class:`BaseTunerLayer`); the core asks only for 
 ``disabled``               ``True`` -> ``forward`` is the base layer's forward
 ``merged_adapters``        names folded into the base weights
 ``can_merge``              whether ``merge`` can fold this layer's adapters (class attribute)
+``stackable``              whether this layer may wrap, or be wrapped by, another method's layer
+                           (class attribute; see *Stacks* below)
 ``merge(names)``           fold adapters into the base weights (default: not mergeable)
 ``unmerge()``              undo every merge
 ``adapter_state(name)``    ``{local key: live tensor}`` for one adapter (save/load copy into these)
@@ -30,6 +32,15 @@ What a wrapper layer provides (:class:`BaseTunerLayer`); the core asks only for 
 Per-adapter parameters live in ``nn.ModuleDict`` / ``nn.ParameterDict`` attributes whose names are
 listed in ``adapter_attribute_names``; ``adapter_state``, ``delete_adapter`` and ``adapter_names`` are
 generic over them, so a new method only writes ``add_adapter``, ``forward`` and, if it can, ``merge``.
+
+Stacks (different methods on one module, e.g. LoRA and (IA)³ on ``k_proj``): a method whose target is
+already wrapped by *another* method's layer wraps that layer in turn, when both classes are
+``stackable``; the later method then runs on the output of the one inside::
+
+    IA3Layer ── base_layer: LoraLayer ── base_layer: Linear      h = l ⊙ (W x + s B A x)
+
+:func:`tuner_layers` yields every layer of a stack (innermost first) under the path of the module the
+stack stands at, so adapter tensors keep the same keys however many methods wrap around them.
 """
 
 from __future__ import annotations
@@ -104,6 +115,7 @@ class BaseTunerLayer(nn.Module):
 
     adapter_attribute_names: ClassVar[tuple[str, ...]] = ()
     can_merge: ClassVar[bool] = False  # True for layers whose adapters are a foldable weight change
+    stackable: ClassVar[bool] = False  # True for layers that compute from their base layer's output alone
 
     def __init__(self, base_layer: nn.Module | None) -> None:
         super().__init__()
@@ -185,7 +197,12 @@ class BaseTunerLayer(nn.Module):
 
 
 def tuner_layers(model: nn.Module) -> Iterator[tuple[str, BaseTunerLayer]]:
-    """Every wrapper layer with its module path (outermost only: copies inside wrappers are skipped)."""
+    """Every wrapper layer with the path of the module it stands at.
+
+    Layers stacked on one module (see *Stacks* above) all come under that path, innermost first (the
+    order they compute in, and the order merging must follow). Modules inside a wrapper other than its
+    ``base_layer`` chain (``modules_to_save`` copies) are skipped.
+    """
     yield from _walk(model, "")
 
 
@@ -193,9 +210,16 @@ def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, BaseTunerLayer]
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
         if isinstance(child, BaseTunerLayer):
-            yield path, child
+            yield from ((path, layer) for layer in reversed(list(stack(child))))
         else:
             yield from _walk(child, path)
+
+
+def stack(layer: BaseTunerLayer) -> Iterator[BaseTunerLayer]:
+    """``layer`` and the wrapper layers it wraps through ``base_layer``, outermost first."""
+    while isinstance(layer, BaseTunerLayer):
+        yield layer
+        layer = layer.base_layer
 
 
 def layer_adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

@@ -8,7 +8,9 @@ interface on every wrapper it finds (``base.tuner_layers``):
   (by default a task model's head, as HF PEFT), activate the new adapter. Only adapter parameters
   (and the head's copy) then have ``requires_grad``.
 - ``set_active`` / ``disabled``: store names / a flag on every wrapper; outputs switch per call.
-- ``merge`` / ``unmerge`` / ``unload``: ask each wrapper to fold, unfold, or step aside.
+- ``merge`` / ``unmerge`` / ``unload``: ask each wrapper to fold, unfold, or step aside. Where
+  different methods are stacked on one module (``base.py``, *Stacks*), merging goes from the inside
+  out and unmerging from the outside in; an outer adapter merges only over merged inner ones.
 - ``save`` / ``load``: an adapter's tensors are ``spec.adapter_state(model, name)``; saving writes
   them, loading injects a fresh adapter and copies the file's tensors into exactly those tensors.
 
@@ -38,12 +40,14 @@ from tunelab import __version__
 from tunelab.errors import MethodError
 from tunelab.tuners import modules_to_save, peft_format, registry, targets
 from tunelab.tuners.base import (
+    BaseTunerLayer,
     MethodConfig,
     TunerState,
     check_adapter_name,
     clear_state,
     ensure_state,
     get_state,
+    stack,
     tuner_layers,
 )
 from tunelab.utils import atomic_path, atomic_write_json
@@ -154,6 +158,7 @@ def set_active(model: nn.Module, adapter_names: str | Sequence[str]) -> None:
     layers = [layer for _, layer in tuner_layers(model)]
     if any(set(layer.merged_adapters) - set(names) for layer in layers):
         raise MethodError("merged adapters cannot be deactivated; call tuners.unmerge(model) first")
+    _check_stacks(model, names, {id(layer): set(layer.merged_adapters) for layer in layers})
     for layer in layers:
         layer.set_active(names)
     state.active = names
@@ -199,13 +204,31 @@ def _merge(model: nn.Module, state: TunerState, names: list[str]) -> None:
         if not layer.can_merge:
             raise MethodError(f"{type(layer).__name__} adapters cannot be merged into the base weights; "
                               "keep them unmerged or use tuners.unload(model, merge=False)")
-    for layer in layers:
+    merged = {id(layer): set(layer.merged_adapters) | (set(names) & set(layer.adapter_names()))
+              for _, layer in tuner_layers(model)}
+    _check_stacks(model, state.active, merged)
+    for layer in layers:  # innermost first: an outer layer folds into weights that hold the inner ones
         layer.merge(names)
 
 
+def _check_stacks(model: nn.Module, active: Sequence[str], merged: dict[int, set[str]]) -> None:
+    """In a stack of methods on one module, an outer layer's merged adapter rescales or adds to the base
+    weight, so it is right only if every adapter running inside it is merged as well: MethodError if
+    ``active`` adapters would run unmerged beneath a merged one (``merged``: id(layer) -> names)."""
+    for path, outer in tuner_layers(model):
+        if not merged.get(id(outer)):
+            continue
+        for inner in list(stack(outer))[1:]:
+            running = [name for name in active if name in inner.adapter_names() and name not in merged[id(inner)]]
+            if running:
+                raise MethodError(f"{path}: adapter {running[0]!r} ({type(inner).__name__}) runs inside merged "
+                                  f"{type(outer).__name__} adapters; merge the inner adapters first (all together: "
+                                  "tuners.merge(model)) or unmerge")
+
+
 def unmerge(model: nn.Module) -> None:
-    """Take every merged adapter out of the base weights again."""
-    for _, layer in tuner_layers(model):
+    """Take every merged adapter out of the base weights again (stacks from the outside in)."""
+    for _, layer in reversed(list(tuner_layers(model))):
         layer.unmerge()
 
 
@@ -221,10 +244,23 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         return model
     if merge:
         _merge(model, state, state.active)
-    for path, layer in list(tuner_layers(model)):
-        targets.replace_module(model, path, layer.unload(merge))
+    else:
+        unmerge(model)  # from the outside in, before any layer of a stack steps aside
+    for path, layer in list(tuner_layers(model)):  # innermost first: the outer layers still hold them
+        _replace_layer(model, path, layer, layer.unload(merge))
     clear_state(model)
     return model
+
+
+def _replace_layer(model: nn.Module, path: str, layer: BaseTunerLayer, new: nn.Module | None) -> None:
+    """Put ``new`` where ``layer`` is: at ``path``, or as the ``base_layer`` of the layer stacked on it."""
+    outer = model.get_submodule(path)
+    if outer is layer:
+        targets.replace_module(model, path, new)
+        return
+    while outer.base_layer is not layer:
+        outer = outer.base_layer
+    outer.base_layer = new
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -247,7 +283,7 @@ def _remove_from_layers(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in layer.adapter_names():
             layer.delete_adapter(adapter_name)
         if not layer.adapter_names():
-            targets.replace_module(model, path, layer.unload(merge=False))
+            _replace_layer(model, path, layer, layer.unload(merge=False))
 
 
 # ----------------------------------------------------------------------------------------- save / load

@@ -97,11 +97,23 @@ def number(value: float) -> float | int:
 
 def save(model: nn.Module, path: Path, configs: Mapping[str, MethodConfig],
          specs: Mapping[str, MethodSpec]) -> None:
-    """Write each adapter in ``configs`` as PEFT files under ``path``; ``specs`` are their registry entries."""
+    """Write each adapter in ``configs`` as PEFT files under ``path``; ``specs`` are their registry entries.
+
+    Everything is checked before a file is written: every method needs a PEFT format, and all adapters one
+    ``peft_type`` (a ``PeftModel`` refuses adapters of different types, so a combination of methods, e.g.
+    LoRA + prefix tuning, has no PEFT form: save it with ``format='tunelab'``).
+    """
+    for name, config in configs.items():
+        if specs[name].to_peft is None:
+            raise MethodError(f"method {config.method!r} has no HF PEFT format; save with format='tunelab'")
+    kinds = {specs[name].peft_type: name for name in configs}
+    if len(kinds) > 1:
+        first, second = list(kinds.values())[:2]
+        raise MethodError(f"adapters {first!r} ({configs[first].method}) and {second!r} ({configs[second].method}) "
+                          "are different HF PEFT types, which one PEFT model cannot hold; save the combination "
+                          "with format='tunelab' (or each adapter alone with adapter_names=[...])")
     for name, config in configs.items():
         spec = specs[name]
-        if spec.to_peft is None:
-            raise MethodError(f"method {config.method!r} has no HF PEFT format; save with format='tunelab'")
         directory = path if len(configs) == 1 or name == "default" else path / name
         directory.mkdir(parents=True, exist_ok=True)
         state = (spec.peft_state or spec.adapter_state)(model, name)

@@ -13,6 +13,8 @@
 
 Modules inside an existing wrapper layer are never candidates; the wrapper itself stands at the
 original path, so adding a second adapter to ``q_proj`` finds the wrapper, not its ``base_layer``.
+Another method's wrapper found there is wrapped in turn when both layers are stackable
+(:func:`check_stack`; ``base.py``, *Stacks*).
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ def base_of(module: nn.Module) -> nn.Module:
     while isinstance(module, BaseTunerLayer) and module.base_layer is not None:
         module = module.base_layer
     return module
+
+
+def check_stack(path: str, module: nn.Module, layer_class: type[BaseTunerLayer]) -> None:
+    """MethodError unless a ``layer_class`` wrapper may wrap ``module`` (found at ``path``).
+
+    A plain module always may; another method's wrapper only when both layer classes are stackable
+    (they compute from their base layer's output alone, so the outer one runs on the inner one's result).
+    """
+    if isinstance(module, BaseTunerLayer) and not (module.stackable and layer_class.stackable):
+        refused = type(module).__name__ if not module.stackable else layer_class.__name__
+        raise MethodError(f"module {path!r} is already wrapped by {type(module).__name__} and {refused} does not "
+                          f"stack with another method on one module; target other modules or use a fresh model")
 
 
 def is_linear(module: nn.Module, linear_types: tuple[type[nn.Module], ...] = LINEAR_TYPES) -> bool:

@@ -134,6 +134,7 @@ class AdapterLayer(BaseTunerLayer):
     """
 
     adapter_attribute_names = ("adapters",)
+    stackable = True  # adapts whatever its base layer (maybe another method's) returns
 
     def __init__(self, base_layer: nn.Module, layer_index: int, position: str) -> None:
         super().__init__(base_layer)
@@ -291,9 +292,8 @@ def insert(model: nn.Module, config: AdapterPlacementConfig, adapter_name: str, 
     points = insertion_points(model, config, positions)
     for path, _, _ in points:
         module = model.get_submodule(path)
-        if isinstance(module, BaseTunerLayer) and not isinstance(module, AdapterLayer):
-            raise MethodError(f"module {path!r} is already wrapped by {type(module).__name__}; adapters and "
-                              "LoRA-style methods cannot share an output projection, choose other targets")
+        if not isinstance(module, AdapterLayer):
+            targets.check_stack(path, module, AdapterLayer)
     adapters = {}
     for path, _, position in points:
         module = model.get_submodule(path)

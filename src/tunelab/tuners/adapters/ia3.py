@@ -76,14 +76,16 @@ class IA3Layer(BaseTunerLayer):
 
     adapter_attribute_names = ("ia3_l",)
     can_merge = True
+    stackable = True  # rescales whatever its base layer (maybe another method's) takes or returns
 
     def __init__(self, base_layer: nn.Module, feedforward: bool) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # weight stored (in, out)
+        linear = targets.base_of(base_layer)  # the Linear / Conv1D, also behind another method's layer
+        self.fan_in_fan_out = isinstance(linear, Conv1D)  # weight stored (in, out)
         if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
+            self.in_features, self.out_features = linear.weight.shape
         else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+            self.in_features, self.out_features = linear.in_features, linear.out_features
         self.feedforward = feedforward  # True: scale the input (in,), else the output (out,)
         self.ia3_l = nn.ParameterDict()  # name -> (1, in) if feedforward else (out, 1)
 
@@ -196,8 +198,8 @@ def _check_target(path: str, module: nn.Module) -> None:
     if isinstance(module, IA3Layer):
         return
     if isinstance(module, BaseTunerLayer):
-        raise MethodError(f"module {path!r} is already wrapped by {type(module).__name__}; "
-                          "target other modules or tuners.unload(model) first")
+        targets.check_stack(path, module, IA3Layer)
+        module = targets.base_of(module)
     if not isinstance(module, targets.LINEAR_TYPES):
         raise MethodError(f"(IA)³ target {path!r} is a {type(module).__name__}; only Linear and Conv1D layers "
                           "can be rescaled, so narrow target_modules")

@@ -107,7 +107,9 @@ class LoraVariant(Protocol):
 
 
 def _features(base_layer: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear, a Conv1D (weight ``(in, out)``) or a look-alike."""
+    """``(in_features, out_features)`` of a Linear, a Conv1D (weight ``(in, out)``) or a look-alike,
+    also behind other methods' wrappers."""
+    base_layer = targets.base_of(base_layer)
     if isinstance(base_layer, Conv1D):
         in_features, out_features = base_layer.weight.shape
         return in_features, out_features
@@ -125,10 +127,11 @@ class LoraLayer(BaseTunerLayer):
 
     adapter_attribute_names = ("lora_A", "lora_B", "lora_dropout")
     can_merge = True
+    stackable = True  # the update adds to whatever the base layer (maybe another method's) returns
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # weight stored (in, out)
+        self.fan_in_fan_out = isinstance(targets.base_of(base_layer), Conv1D)  # weight stored (in, out)
         self.in_features, self.out_features = _features(base_layer)
         self.lora_A = nn.ModuleDict()  # name -> Linear(in, r)
         self.lora_B = nn.ModuleDict()  # name -> Linear(r, out)
@@ -238,7 +241,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, *,
     paths = targets.find_targets(model, config.target_modules, linear_types)
     modules = {path: model.get_submodule(path) for path in paths}
     for path, module in modules.items():
-        _check_target(path, module, layer_class, linear_types)
+        _check_target(path, module, layer_class, linear_types, variant_factory is not None)
     for path, module in modules.items():
         layer = module if isinstance(module, LoraLayer) else layer_class(module)
         if layer is not module:
@@ -252,12 +255,18 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, *,
 
 
 def _check_target(path: str, module: nn.Module, layer_class: type[LoraLayer],
-                  linear_types: tuple[type[nn.Module], ...]) -> None:
+                  linear_types: tuple[type[nn.Module], ...], variant: bool = False) -> None:
+    stacked = module.base_layer if isinstance(module, LoraLayer) else module
+    if variant and isinstance(stacked, BaseTunerLayer):
+        # DoRA's norm (and a mixture's gate) read W itself, which another method's layer inside changes
+        raise MethodError(f"module {path!r} is wrapped by {type(stacked).__name__}; a LoRA variant (DoRA, "
+                          "mixture) computes from the bare base weight and cannot wrap another method, "
+                          "so apply it first or use plain LoRA")
     if isinstance(module, LoraLayer):
         return
     if isinstance(module, BaseTunerLayer):
-        raise MethodError(f"module {path!r} is already wrapped by {type(module).__name__}; "
-                          "target other modules or tuners.unload(model) first")
+        targets.check_stack(path, module, layer_class)
+        module = targets.base_of(module)
     if not isinstance(module, linear_types):
         raise MethodError(f"target {path!r} is a {type(module).__name__}; {layer_class.__name__} wraps "
                           f"{', '.join(t.__name__ for t in linear_types)} modules only, so narrow target_modules")

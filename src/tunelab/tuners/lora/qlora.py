@@ -77,6 +77,8 @@ class QLoraConfig(lora.LoraConfig):
 class QLoraLayer(lora.LoraLayer):
     """LoRA over an :class:`NF4Linear` base; merges go into a full-precision copy (see module docstring)."""
 
+    stackable = False  # another method's layer around it would merge into, or read, the 4-bit codes
+
     def get_base_weight(self) -> torch.Tensor:
         return self.base_layer.dense_weight(torch.float32)  # (out, in), dequantized or merged
 
