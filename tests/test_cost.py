@@ -106,9 +106,12 @@ def test_report_cli_reprices_without_touching_results(tmp_path, capsys):
     run_dir = fake_run(tmp_path / "run", price=2.0)
     before = {p.name: p.read_bytes() for p in (run_dir / "results").glob("*.json")}
     config = (run_dir / "config.yaml").read_bytes()
+    capsys.readouterr()
     assert main(["report", str(run_dir)]) == 0
     assert "≤ 0.525 → **ia3**" in (run_dir / "report.md").read_text()
+    assert "@2/h" in capsys.readouterr().out  # the console table prices at the run's own rate
     assert main(["report", str(run_dir), "--price-per-hour", "4"]) == 0
+    assert "@4/h" in capsys.readouterr().out
     markdown = (run_dir / "report.md").read_text()
     assert "Cost at 4 units per device-hour" in markdown and "≤ 1.05 → **ia3**" in markdown
     assert "≤ 0.525 → **ia3**" not in markdown

@@ -29,18 +29,30 @@ def packaged_config(name: str) -> Path:
     return Path(str(resources.files("tunelab") / "configs" / f"{name}.yaml"))
 
 
-def _results_table(results: list[dict]) -> Table:
+def _results_table(results: list[dict], price_per_hour: float | None = None) -> Table:
+    """The console summary; with a price per device-hour (the spec's or the run's ``report.price_per_hour``)
+    a training-cost column, as in report.md."""
+    from tunelab.experiments import pricing
     from tunelab.experiments.report import summarize
 
-    rows = summarize(results)
+    rows = summarize(results, price_per_hour)
     seeded = any(row["seeds"] > 1 for row in rows)  # as in report.md: mean ± half-width of the 95% CI
     table = Table(title="Held-out results" + (" (mean ± 95% CI over seeds)" if seeded else ""))
-    for column in ("method", "train size", "score", "trainable params", "% of model", "train s", "peak RSS MB"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    columns = ["method", "train size", "score", "trainable params", "% of model", "train s", "peak RSS MB"]
+    if pricing.priced(rows):
+        columns.append(f"cost @{price_per_hour:g}/h")
+    for column in columns:
+        if column == "method":
+            table.add_column(column, justify="left", overflow="fold")  # long labels wrap, never "…"
+        else:
+            table.add_column(column, justify="right")
     for row in rows:
         score = f"{row['score']:.4f}" + (f" ± {row['score_ci95']:.4f}" if row["seeds"] > 1 else "")
-        table.add_row(row["method"], str(row["train_size"]), score, f"{row['trainable_parameters']:,}",
-                      f"{row['trainable_percent']:.2f}", f"{row['train_seconds']:.0f}", f"{row['peak_memory_mb']:.0f}")
+        cells = [row["method"], str(row["train_size"]), score, f"{row['trainable_parameters']:,}",
+                 f"{row['trainable_percent']:.2f}", f"{row['train_seconds']:.0f}", f"{row['peak_memory_mb']:.0f}"]
+        if pricing.priced(rows):
+            cells.append(pricing.money(row[pricing.COST_KEY]))
+        table.add_row(*cells)
     return table
 
 
@@ -68,12 +80,12 @@ def _run(config: Path, overrides: list[str], in_process: bool, resume: bool = Fa
                           "the unfinished one (from its last checkpoint when train.save_every is set)") from None
     except CellsFailed as failed:  # the others finished and the report lists the failed ones: show both
         if failed.results:
-            console.print(_results_table(failed.results))
+            console.print(_results_table(failed.results, spec.report.price_per_hour))
         console.print(f"report: {spec.run_dir / 'report.md'} and {spec.run_dir / 'report.html'}")
         raise
     if not results:  # a non-main rank of a data-parallel launch: rank 0 prints
         return results
-    console.print(_results_table(results))
+    console.print(_results_table(results, spec.report.price_per_hour))
     console.print(f"report: {spec.run_dir / 'report.md'} and {spec.run_dir / 'report.html'}")
     return results
 
@@ -130,7 +142,9 @@ def report(
 
     markdown, html_path = write_report(run_dir, price_per_hour)
     if any((run_dir / "results").glob("*.json")):  # else every cell failed: the report lists the failures
-        console.print(_results_table(load_results(run_dir)))
+        from tunelab.experiments import pricing
+
+        console.print(_results_table(load_results(run_dir), pricing.price_per_hour(run_dir, price_per_hour)))
     console.print(f"report: {markdown} and {html_path}")
 
 
