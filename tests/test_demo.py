@@ -145,3 +145,19 @@ def test_page_fills_its_controls_in_chromium(server, run_dir):
                          capture_output=True, text=True, timeout=90)
     assert f"<option>{DemoApp(run_dir).models[0]}</option>" in out.stdout  # the script ran and fetched options
     assert 'value="lora-n8-s0"' in out.stdout
+
+
+def test_results_tab_prices_a_run_that_has_a_price(run_dir, tmp_path):
+    """A run with report.price_per_hour: the results payload carries each row's training cost (seconds /
+    3600 x price) and the cost Pareto plot; without one it has neither."""
+    import shutil
+
+    from tunelab.experiments import pricing
+
+    assert pricing.COST_KEY not in DemoApp(run_dir).results_payload()["rows"][0]
+    priced = tmp_path / "priced"
+    shutil.copytree(run_dir / "results", priced / "results")
+    (priced / "config.yaml").write_text("report: {price_per_hour: 7.2}\n")
+    payload = DemoApp(priced).results_payload()
+    assert payload["price_per_hour"] == 7.2 and pricing.PLOT_NAME in payload["plots"]
+    assert [row[pricing.COST_KEY] for row in payload["rows"]] == pytest.approx([3.0 / 3600 * 7.2] * 2)

@@ -51,10 +51,12 @@ async function loadResults(){if(loaded)return;loaded=true;
   if(!r.ok){$('table').innerHTML=`<p class="err">${esc(d.error)}</p>`;return;}
   const f=(v,n)=>v==null?'–':(+v).toFixed(n);
   $('table').innerHTML=`<h2>${esc(d.experiment)}</h2><table><tr><th>method</th><th>train size</th><th>seeds</th>
-    <th>score ± 95% CI</th><th>trainable params</th><th>peak MB</th><th>train s</th><th>latency ms</th></tr>`+
+    <th>score ± 95% CI</th><th>trainable params</th><th>peak MB</th><th>train s</th><th>latency ms</th>`+
+    (d.price_per_hour!=null?`<th>cost @${d.price_per_hour}/h</th>`:'')+`</tr>`+
     d.rows.map(x=>`<tr><td>${esc(x.method)}</td><td>${x.train_size}</td><td>${x.seeds}</td>
     <td>${f(x.score,4)} ± ${f(x.score_ci95,4)}</td><td>${x.trainable_parameters.toLocaleString()}</td>
-    <td>${f(x.peak_memory_mb,0)}</td><td>${f(x.train_seconds,0)}</td><td>${f(x.latency_ms,1)}</td></tr>`).join('')+'</table>';
+    <td>${f(x.peak_memory_mb,0)}</td><td>${f(x.train_seconds,0)}</td><td>${f(x.latency_ms,1)}</td>`+
+    (d.price_per_hour!=null?`<td>${(+x.train_cost).toPrecision(4)}</td>`:'')+`</tr>`).join('')+'</table>';
   $('plots').innerHTML=Object.entries(d.plots).map(([k,v])=>`<img alt="${k}" src="data:image/png;base64,${v}">`).join('');}
 </script></body></html>
 """

@@ -130,17 +130,21 @@ class DemoApp:
         return {"outputs": outputs}
 
     def results_payload(self) -> dict | None:
-        from tunelab.experiments import analysis
+        from tunelab.experiments import analysis, pricing
         from tunelab.experiments.report import summarize
 
         if not self.results:
             return None
-        rows = summarize(self.results)
+        price = pricing.price_per_hour(self.run_dir)  # the run's report.price_per_hour: a cost column and plot
+        rows = summarize(self.results, price)
         plots = {"pareto_memory": analysis.plot_pareto(rows, "peak_memory_mb", "peak memory (MB, RSS)"),
                  "pareto_time": analysis.plot_pareto(rows, "train_seconds", "train time (s)")}
-        keep = ("method", "train_size", "seeds", "score", "score_ci95", "trainable_parameters", "peak_memory_mb",
-                "train_seconds", "latency_ms")
-        return {"experiment": self.results[0].get("experiment", ""),
+        keep = ["method", "train_size", "seeds", "score", "score_ci95", "trainable_parameters", "peak_memory_mb",
+                "train_seconds", "latency_ms"]
+        if pricing.priced(rows):
+            plots[pricing.PLOT_NAME] = analysis.plot_pareto(rows, pricing.COST_KEY, pricing.cost_label(rows))
+            keep.append(pricing.COST_KEY)
+        return {"experiment": self.results[0].get("experiment", ""), "price_per_hour": price,
                 "rows": [{k: row[k] for k in keep} for row in rows],
                 "plots": {k: base64.b64encode(v).decode() for k, v in plots.items()}}
 
