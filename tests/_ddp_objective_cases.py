@@ -251,7 +251,7 @@ def _stage_adapter(ctx: Context, model: nn.Module, name: str) -> nn.Module:
     from tunelab.experiments.runner import _train_only
 
     model = ctx.lora(model, adapter=name)
-    _train_only(model, name)  # as the runner leaves a stage's new adapter: earlier ones active, frozen
+    _train_only(model, [name])  # as the runner leaves a stage's new adapter: earlier ones active, frozen
     return model
 
 

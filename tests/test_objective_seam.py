@@ -224,7 +224,7 @@ def test_a_stage_method_adds_a_new_adapter_that_trains_alone(tmp_path, small_mod
     model = apply_method(model, MethodSpec(name="lora", options={"r": 2, "target_modules": ["q_proj"]}), "causal_lm")
     model = apply_method(model, MethodSpec(name="lora", options={"r": 2, "target_modules": ["q_proj"]}),
                          "causal_lm", adapter_name="legal")
-    _train_only(model, "legal")
+    _train_only(model, ["legal"])
     assert set(tuners.active_adapters(model)) == {"default", "legal"}
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".legal" in name for name in trainable)

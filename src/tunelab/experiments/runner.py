@@ -512,6 +512,8 @@ def _train_only(model, adapter_names: list[str]) -> None:
     active but frozen."""
     from tunelab import tuners
 
+    if isinstance(adapter_names, str):  # one name, not its letters
+        raise TypeError("_train_only takes a list of adapter names")
     names = tuners.adapters(model)
     tuners.set_active(model, names)
     for name, parameter in model.named_parameters():
