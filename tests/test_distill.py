@@ -396,3 +396,8 @@ def test_report_measures_each_student_against_the_labels_only_cell_of_its_size()
              if line.startswith("| ")}
     assert " +0.0500 ± " in lines["big-kd"] and " +0.1000 ± " in lines["small-kd"]
     assert "+0.2" not in lines["small-labels"] and "| – |" in lines["small-labels"]
+    from tunelab.distill.report import plots
+
+    png = plots(results)["distillation"]  # teacher vs students: linked from the section, a real PNG
+    assert png.startswith(b"\x89PNG") and "plots/distillation.png" in markdown_section(results)
+    assert plots([r for r in results if r["objective"] == "sft"]) == {}

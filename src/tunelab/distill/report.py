@@ -15,7 +15,9 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from tunelab.experiments.plots import ci95
+from tunelab.experiments.plots import ci95, figure_png, score_axis
+
+PLOT = "distillation"
 
 DISTILL_OBJECTIVES = ("distill", "distill_classification")
 
@@ -106,4 +108,44 @@ def markdown_section(results: list[dict]) -> str:
                      f"{_format(row['parameters'], ',.0f')} | {_format(row['weights_mb'], '.1f')} | "
                      f"{_format(row['latency_ms'], '.2f')} | {_format(row['tokens_per_s'], ',.0f')} | "
                      f"{_format(row['speedup'], '.2f')} |")
-    return "\n".join(lines) + "\n\n"
+    lines_text = "\n".join(lines) + "\n\n"
+    return lines_text + f"![teacher vs students](plots/{PLOT}.png)\n\n"
+
+
+def plot(results: list[dict]) -> bytes | None:
+    """Held-out score (95% CI bars) against parameters: the teacher as a star, each student a point, the
+    labels-only cells hollow; the grey lines mark 100% and 95% of the teacher's score."""
+    teacher, students = rows(results)
+    if teacher is None or not students:
+        return None
+
+    def draw(axis):
+        placed: dict = defaultdict(int)  # labels at one size are staggered, not stacked
+        for row in sorted(students, key=lambda r: -r["score"]):
+            hollow = row["objective"] not in DISTILL_OBJECTIVES
+            axis.errorbar(row["parameters"], row["score"], yerr=row["ci95"] if row["seeds"] > 1 else None,
+                          fmt="o", capsize=3, color="C1" if hollow else "C0",
+                          markerfacecolor="none" if hollow else None)
+            axis.annotate(row["label"], (row["parameters"], row["score"]), textcoords="offset points",
+                          xytext=(6 + 70 * (placed[row["parameters"]] % 2), 0), fontsize=7, va="center")
+            placed[row["parameters"]] += 1
+        axis.plot([teacher["parameters"]], [teacher["score"]], "*", markersize=14, color="C3", label="teacher")
+        axis.axhline(teacher["score"], color="grey", linewidth=1, linestyle=":")
+        axis.axhline(0.95 * teacher["score"], color="grey", linewidth=1, linestyle="--",
+                     label="95% of the teacher")
+        axis.plot([], [], "o", color="C0", label="distilled")
+        axis.plot([], [], "o", color="C1", markerfacecolor="none", label="labels only")
+        axis.set_xscale("log")
+        axis.set_xlabel("parameters (log)")
+        score_axis(axis, [teacher["score"], *(r["score"] + r["ci95"] for r in students)])
+        axis.set_title("Teacher vs students: held-out score against size", fontsize=9)
+        axis.legend(fontsize=7, loc="lower right")
+        axis.grid(alpha=0.3)
+
+    return figure_png(draw, width=7.0, height=4.4)
+
+
+def plots(results: list[dict]) -> dict[str, bytes]:
+    """``{"distillation": PNG}`` when the results hold distilled cells, else ``{}``."""
+    png = plot(results)
+    return {PLOT: png} if png is not None else {}

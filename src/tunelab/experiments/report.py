@@ -186,7 +186,7 @@ def write_report(run_dir: str | Path, price_per_hour: float | None = None) -> tu
         stage_md += "![stage matrix](plots/stage_matrix.png)\n\n"
     stage_md += align_report.markdown_section(results)  # reward vs KL to the reference, frontier (tunelab.align)
     section_pngs = {"stage_matrix": stage_png, **multitask_report.plots(results),  # what stage_md links to
-                    **align_report.plots(results)}
+                    **align_report.plots(results), **distill_report.plots(results)}
     for plot_name, png in section_pngs.items():
         if png is not None:
             (plots / f"{plot_name}.png").write_bytes(png)
