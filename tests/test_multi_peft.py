@@ -90,15 +90,20 @@ def test_every_part_trains_jointly_and_counts(label, methods, mergeable):
     assert not unchanged, f"{label}: {unchanged[:3]} did not change"
 
 
-@pytest.mark.parametrize(("label", "methods", "mergeable"), COMBINATIONS, ids=IDS)
-def test_save_load_round_trip_gives_identical_logits(label, methods, mergeable, tmp_path):
+def trained_combination(methods):
+    """A tiny Llama with ``methods`` combined, trained a few steps, in eval mode: (model, batch, its logits)."""
     model = testing.tiny_llama()
     combine(model, methods)
     batch = testing.example_batch(model)
     train_steps(model, batch)
     model.eval()
     with torch.no_grad():
-        expected = model(**batch).logits
+        return model, batch, model(**batch).logits
+
+
+@pytest.mark.parametrize(("label", "methods", "mergeable"), COMBINATIONS, ids=IDS)
+def test_save_load_round_trip_gives_identical_logits(label, methods, mergeable, tmp_path):
+    model, batch, expected = trained_combination(methods)
     tuners.save(model, tmp_path / "adapter")
     loaded = tuners.load(testing.tiny_llama(), tmp_path / "adapter").eval()
     assert tuners.active_adapters(loaded) == tuners.active_adapters(model)
@@ -114,13 +119,8 @@ def test_save_load_round_trip_gives_identical_logits(label, methods, mergeable, 
 @pytest.mark.parametrize(("label", "methods"), [(label, methods) for label, methods, mergeable in COMBINATIONS
                                                 if mergeable], ids=[i for i, _, m in COMBINATIONS if m])
 def test_a_stack_of_mergeable_methods_merges_from_the_inside_out(label, methods):
-    model = testing.tiny_llama()
-    combine(model, methods)
-    batch = testing.example_batch(model)
-    train_steps(model, batch)
-    model.eval()
+    model, batch, expected = trained_combination(methods)
     with torch.no_grad():
-        expected = model(**batch).logits
         tuners.merge(model)
         assert torch.allclose(model(**batch).logits, expected, atol=1e-5)
         tuners.unmerge(model)
