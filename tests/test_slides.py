@@ -101,6 +101,27 @@ def test_cells_scored_on_different_tasks_are_not_ranked_against_each_other(tmp_p
     assert "different tasks" in slides._recommendation(apart)[0] and "different tasks" in slides._ties(apart)[0]
 
 
+def test_cells_scored_on_different_domains_are_ranked_per_domain(tmp_path):
+    """A grid over data.domain: the legal cells' best is named among legal cells only, never against medical."""
+    run_dir = fake_run(tmp_path / "run")
+    for path in (run_dir / "results").glob("*.json"):  # ia3 alone scored on the legal domain
+        record = json.loads(path.read_text())
+        record["config"]["data"].update(domain="legal" if record["method"] == "ia3" else "medical")
+        path.write_text(json.dumps(record))
+    results = [json.loads(p.read_text()) for p in sorted((run_dir / "results").glob("*.json"))]
+    rows = summarize(results)
+    assert {r["method"]: dict(r["test_data"])["domain"] for r in rows} == {"full": "medical", "lora": "medical",
+                                                                            "ia3": "legal"}
+    section = analysis.markdown_section(results, rows)
+    assert "### 100 training examples, scored on domain=medical" in section and "**Best score: full**" in section
+    assert "ia3 (domain=legal)" in section  # alone on its test set: listed, not ranked
+    assert "→ **ia3**" not in section
+    legal = tuple((key, "legal" if key == "domain" else value) for key, value in rows[0]["test_data"])
+    two_legal = rows + [{**rows[0], "method": "lora-legal", "test_data": legal}]  # now legal has two cells
+    scopes = [scope for _, scope, _, _ in analysis.ranked_groups(two_legal)]
+    assert scopes == ["domain=legal", "domain=medical"]
+
+
 def test_score_axis_of_pareto_plots_starts_at_zero(tmp_path, monkeypatch):
     seen = []
     real = analysis.score_axis

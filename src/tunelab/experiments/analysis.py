@@ -71,24 +71,65 @@ def task_set(row: dict) -> frozenset[str]:
     return frozenset(key.split("/", 1)[0] for key in row.get("metrics") or {} if "/" in key)
 
 
-def comparable_groups(rows: list[dict]) -> list[tuple[int, frozenset[str], list[dict]]]:
-    """Rows that may be ranked against each other: the same training size *and* scored on the same tasks.
+TEST_DATA_KEYS = ("source", "test_source", "format", "domain", "tasks")
+
+
+def test_data(result: dict) -> tuple[tuple[str, str], ...]:
+    """What a result was scored on besides its size: the data fields that choose the test set (``data.source``,
+    ``test_source``, ``format``, ``domain``, ``tasks`` of the cell's config), as ``(key, text)`` pairs."""
+    data = (result.get("config") or {}).get("data") or {}
+    pairs = []
+    for key in TEST_DATA_KEYS:
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        pairs.append((key, str(value)))
+    return tuple(pairs)
+
+
+def _scope(tasks: frozenset[str], data: tuple[tuple[str, str], ...], varying: set[str]) -> str:
+    """The part of a group's test data that differs from other groups of its size, e.g. ``domain=legal``."""
+    named_tasks = "metric tasks" in varying and "tasks" not in varying and tasks  # data.tasks says it better
+    parts = [", ".join(sorted(tasks))] if named_tasks else []
+    parts += [f"{key}={value}" for key, value in data if key in varying]
+    return "; ".join(parts)
+
+
+def comparable_groups(rows: list[dict]) -> list[tuple[int, str, list[dict]]]:
+    """Rows that may be ranked against each other: the same training size, scored on the same tasks *and*
+    the same test data (source, domain, ...: :func:`test_data`, stored in each row as ``test_data``).
 
     Single-task baselines of a multi-task study each score a different task, so one's NER F1 is not
-    better than another's QA exact match; every ranking (best, ties, frontiers, recommendation) works
-    inside one of these groups. Returns ``(train_size, tasks, rows)`` sorted by size, then tasks."""
-    groups: dict[tuple[int, frozenset[str]], list[dict]] = {}
+    better than another's QA exact match; a cell scored on the legal domain is not better than one scored
+    on the medical domain. Every ranking (best, ties, frontiers, recommendation) works inside one of
+    these groups. Returns ``(train_size, scope, rows)`` sorted by size, then scope, where scope names
+    what sets the group apart from the others of its size ("" when it is the only one)."""
+    groups: dict[tuple[int, frozenset[str], tuple], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["train_size"], task_set(row)), []).append(row)
-    return [(size, tasks, group) for (size, tasks), group in sorted(groups.items(), key=lambda i: (i[0][0], sorted(i[0][1])))]
+        groups.setdefault((row["train_size"], task_set(row), tuple(row.get("test_data") or ())), []).append(row)
+    out = []
+    for size in sorted({size for size, _, _ in groups}):
+        keys = [key for key in groups if key[0] == size]
+        varying: set[str] = set()
+        if len({tasks for _, tasks, _ in keys}) > 1:
+            varying.add("metric tasks")
+        fields = [dict(data) for _, _, data in keys]
+        for name in TEST_DATA_KEYS:
+            if len({f.get(name) for f in fields}) > 1:
+                varying.add(name)
+        scoped = [(_scope(tasks, data, varying), groups[(size, tasks, data)]) for _, tasks, data in keys]
+        out += [(size, scope, group) for scope, group in sorted(scoped, key=lambda item: item[0])]
+    return out
 
 
-def ranked_groups(rows: list[dict]) -> list[tuple[int, frozenset[str], bool, list[dict]]]:
-    """``(train_size, tasks, split, rows)`` for each group worth ranking: the only group of its size, or
-    one with >= 2 rows when its size is split over several task sets (``split``: say which tasks)."""
+def ranked_groups(rows: list[dict]) -> list[tuple[int, str, bool, list[dict]]]:
+    """``(train_size, scope, split, rows)`` for each group worth ranking: the only group of its size, or
+    one with >= 2 rows when its size is split over several test sets (``split``: say which, ``scope``)."""
     groups = comparable_groups(rows)
     per_size = Counter(size for size, _, _ in groups)
-    return [(size, tasks, per_size[size] > 1, group) for size, tasks, group in groups
+    return [(size, scope, per_size[size] > 1, group) for size, scope, group in groups
             if per_size[size] == 1 or len(group) >= 2]
 
 
@@ -130,16 +171,17 @@ def markdown_section(results: list[dict], rows: list[dict]) -> str:
     named: set[str] = set()
     ranked = ranked_groups(rows)
     for size in sorted({r["train_size"] for r in rows}):
-        for n, tasks, split, group in ranked:
+        for n, scope, split, group in ranked:
             if n == size:
-                scored_on = f", scored on {', '.join(sorted(tasks))}" if split else ""
+                scored_on = f", scored on {scope}" if split and scope else ""
                 lines += _size_section(f"### {size} training examples{scored_on}", group, named)
         ranked_ids = {id(row) for n, _, _, group in ranked if n == size for row in group}
-        alone = [f"{row['method']} ({', '.join(sorted(task_set(row))) or 'score'})"
+        scopes = {id(row): scope for n, scope, group in comparable_groups(rows) if n == size for row in group}
+        alone = [f"{row['method']} ({scopes.get(id(row)) or 'score'})"
                  for row in rows if row["train_size"] == size and id(row) not in ranked_ids]
         if alone:
             lines += [f"### {size} training examples: not ranked", "",
-                      "Each of these cells is scored on other test data than every other cell (its tasks in "
+                      "Each of these cells is scored on other test data than every other cell (its test data in "
                       "parentheses), so their scores are not comparable: " + "; ".join(alone) + ".", ""]
     why = [(label, _method_notes(label, method_of)) for label in sorted(named)]
     why = [(label, note) for label, note in why if note]
@@ -201,7 +243,7 @@ def plot_pareto(rows: list[dict], cost: str, label: str) -> bytes:
             for row in group:
                 axis.errorbar(row[cost], row["score"], yerr=row["score_ci95"] or None, fmt="o", capsize=3,
                               label=f"{row['method']} (n={size})")
-            for _size, _tasks, same in comparable_groups(group):  # a frontier only joins comparable cells
+            for _size, _scope, same in comparable_groups(group):  # a frontier only joins comparable cells
                 front = frontier(same, cost)
                 if len(front) > 1:
                     axis.plot([r[cost] for r in front], [r["score"] for r in front], color="grey", linewidth=1,

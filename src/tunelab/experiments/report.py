@@ -91,6 +91,7 @@ def summarize(results: list[dict], price_per_hour: float | None = None) -> list[
             "latency_ms": _mean_or_none([r.get("inference_latency_ms") for r in group]),
             "metrics": {key: statistics.fmean(r["metrics"][key] for r in group)
                         for key in group[0]["metrics"] if all(key in r["metrics"] for r in group)},
+            "test_data": analysis.test_data(group[0]),  # rows are ranked only against the same test data
             **pricing.row_fields(group, price_per_hour),
         })
     return rows

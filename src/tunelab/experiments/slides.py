@@ -83,15 +83,15 @@ def _results_table(rows: list[dict]) -> str:
     return f"<table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>"
 
 
-def _caption(size: int, tasks: frozenset[str], split: bool) -> str:
-    """``n=SIZE``, plus the tasks when cells of that size are scored on several task sets."""
-    return html.escape(f"n={size}" + (f" ({', '.join(sorted(tasks))})" if split else ""))
+def _caption(size: int, scope: str, split: bool) -> str:
+    """``n=SIZE``, plus the test data when cells of that size are scored on several test sets."""
+    return html.escape(f"n={size}" + (f" ({scope})" if split and scope else ""))
 
 
 def _tradeoffs(rows: list[dict]) -> list[str]:
     items = []
-    for size, tasks, split, group in analysis.ranked_groups(rows):
-        caption = _caption(size, tasks, split)
+    for size, scope, split, group in analysis.ranked_groups(rows):
+        caption = _caption(size, scope, split)
         for cost, label, fmt in analysis.costs(group):
             front = analysis.frontier(group, cost)
             steps = " → ".join(f"<b>{html.escape(r['method'])}</b> (≤ {fmt.format(r[cost])})" for r in front)
@@ -109,9 +109,9 @@ def _cost_plot(rows: list[dict]) -> str:
 
 def _ties(rows: list[dict]) -> list[str]:
     items = []
-    for size, tasks, split, group in analysis.ranked_groups(rows):
+    for size, scope, split, group in analysis.ranked_groups(rows):
         best, tied = analysis.ties(group)
-        caption = _caption(size, tasks, split)
+        caption = _caption(size, scope, split)
         if best is None:
             continue
         if best["seeds"] < 2:
