@@ -155,7 +155,7 @@ def test_a_new_price_is_written_into_config_yaml_when_no_cell_reruns(tmp_path):
 
 
 def test_latency_records_its_tokens_and_the_device():
-    from tunelab.experiments import runner
+    from tunelab.experiments import environment, runner
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -172,7 +172,7 @@ def test_latency_records_its_tokens_and_the_device():
     latency, tokens = runner._latency_ms(Tiny(), collate, [{}] * 10, batches=2)
     assert latency > 0 and tokens == 8 * 3  # 8 examples x 3 non-padding tokens
     assert runner._latency_ms(Tiny(), collate, [{}], batches=0) == (None, None)
-    device = runner._device(Tiny())
+    device = environment.device_info(Tiny())
     assert device["type"] == "cpu" and device["processes"] == 1 and device["cpu_count"] >= 1
     assert device["torch_threads"] == torch.get_num_threads()
 

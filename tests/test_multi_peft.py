@@ -18,10 +18,10 @@ from torch import nn
 
 from tunelab import tuners
 from tunelab.errors import ConfigError, MethodError
-from tunelab.experiments.runner import combined_rates, optimizer_groups
 from tunelab.experiments.spec import MethodSpec, cell_key, expand_grid, validate
 from tunelab.models import testing
 from tunelab.train.engine import build_param_groups
+from tunelab.train.param_groups import combined_rates, optimizer_groups
 
 LORA = ("lora", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
 IA3 = ("ia3", {})  # tiny-llama's default: k_proj, v_proj (output), down_proj (input): inside LoRA's layers

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import signal
-import subprocess
 import threading
 import time
 import traceback
@@ -38,7 +36,7 @@ import yaml
 
 from tunelab.adapt.store import store
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.experiments import distributed, pricing, registry, rundir
+from tunelab.experiments import distributed, environment, pricing, registry, rundir
 from tunelab.experiments import jobs as parallel
 from tunelab.experiments.preflight import apply_methods, load_model, preflight, stage_splits
 from tunelab.experiments.rundir import RunLock, check_writable
@@ -49,6 +47,7 @@ from tunelab.experiments.spec import (
     expand_grid,
     resolve_stages,
 )
+from tunelab.train.param_groups import combined_rates, optimizer_groups
 from tunelab.utils import atomic_path, atomic_write_json, atomic_write_text, seed_everything
 
 
@@ -304,10 +303,10 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
         "trainable_percent": 100.0 * trainable / total,
         "train_seconds": train_seconds, "train_tokens_per_second": tokens_per_second,
         "eval_seconds": stage_records[-1]["eval_seconds"], "inference_latency_ms": latency,
-        "inference_latency_tokens": latency_tokens, "device": _device(model),
+        "inference_latency_tokens": latency_tokens, "device": environment.device_info(model),
         "peak_memory_mb": peak_rss_mb(), "final_eval_loss": final_eval_loss,
         "history": history, "config": spec.model_dump(mode="json"),
-        "versions": _versions(), "git_sha": _git_sha(),
+        "versions": environment.versions(), "git_sha": environment.git_sha(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if general is not None:
@@ -521,52 +520,6 @@ def _train_only(model, adapter_names: list[str]) -> None:
             parameter.requires_grad_(False)
 
 
-def combined_rates(method, adapter_name: str) -> dict[str, float]:
-    """``{adapter name: learning rate}`` of the methods ``method`` combines that set their own rate."""
-    return {name: part.learning_rate for part, name in method.adapters(adapter_name)[1:]
-            if part.learning_rate is not None}
-
-
-def optimizer_groups(model, rates: dict[str, float], learning_rate: float, weight_decay: float) -> list[dict] | None:
-    """The optimizer groups of a stage, or None for the default ones (every trainable parameter at
-    ``learning_rate``; matrices with weight decay, vectors without).
-
-    Each adapter in ``rates`` (a combined method with its own ``learning_rate``) gets its trainable
-    parameters at that rate, split for weight decay as the default groups are; the schedule scales every
-    group alike. The other parameters come first, at ``learning_rate`` (the rate the history logs), in
-    LoRA+'s groups when ``loraplus_lr_ratio`` is set (:func:`loraplus_groups`).
-    """
-    loraplus = loraplus_groups(model, learning_rate, weight_decay)
-    if not rates:
-        return loraplus
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    own = {adapter: [p for name, p in trainable if adapter in name.split(".")] for adapter in rates}
-    taken = {id(p) for params in own.values() for p in params}
-    if loraplus is not None:
-        groups = [{**group, "params": [p for p in group["params"] if id(p) not in taken]} for group in loraplus]
-    else:
-        groups = _decay_groups([p for _, p in trainable if id(p) not in taken], learning_rate, weight_decay)
-    for adapter, rate in rates.items():
-        groups += _decay_groups(own[adapter], rate, weight_decay)
-    return [group for group in groups if group["params"]]
-
-
-def _decay_groups(params: list, learning_rate: float, weight_decay: float) -> list[dict]:
-    """Matrices with weight decay, vectors (biases, norms, scales) without, as the default groups."""
-    return [{"params": [p for p in params if p.ndim >= 2], "lr": learning_rate, "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "lr": learning_rate, "weight_decay": 0.0}]
-
-
-def loraplus_groups(model, learning_rate: float, weight_decay: float) -> list[dict] | None:
-    """LoRA+ optimizer groups when the method sets ``loraplus_lr_ratio`` (B at lr x ratio); else None."""
-    from tunelab.tuners import loraplus
-
-    ratio = loraplus.configured_ratio(model)
-    if ratio is None:
-        return None
-    return loraplus.loraplus_param_groups(model, learning_rate, ratio, weight_decay=weight_decay)
-
-
 @torch.no_grad()
 def _latency_ms(model, collate, records: list[dict], batches: int) -> tuple[float | None, int | None]:
     """Median wall time of one forward pass over a batch of 8 test examples, in milliseconds, and the
@@ -593,47 +546,3 @@ def _latency_ms(model, collate, records: list[dict], batches: int) -> tuple[floa
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _device(model) -> dict:
-    """What this cell's time was measured on: the model's device type and name, the training processes
-    (data-parallel world size), the cores this process may use and torch's threads (the cost's context)."""
-    device = next(model.parameters()).device
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
-    info = {"type": device.type, "name": _cpu_name() if device.type == "cpu" else "",
-            "processes": distributed.world_size(), "cpu_count": cores, "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["name"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's processor or machine name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    import tunelab
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "tunelab": tunelab.__version__}
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.getcwd())
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
