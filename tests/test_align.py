@@ -375,8 +375,9 @@ def test_a_run_resumed_after_its_reward_stage_gets_the_reward_model_back(tmp_pat
     import shutil
 
     from tunelab.align import RewardModel
+    from tunelab.experiments.grid import expand_grid
     from tunelab.experiments.runner import run_cell
-    from tunelab.experiments.spec import expand_grid, validate
+    from tunelab.experiments.spec import validate
 
     lora = {"name": "lora", "options": {"r": 2, "target_modules": ["q_proj", "v_proj"]}}
     raw = {"name": "rm", "output_dir": str(tmp_path), "model": {"name": str(small_model_dir)}, "method": lora,

@@ -211,7 +211,8 @@ def test_no_section_without_kl_and_a_reward_model_gets_its_own_panel():
 
 # ----------------------------------------------------------------------------------------- the shipped config
 def test_shipped_frontier_config_resolves_into_dpo_betas_and_ppo_kl_coefficients():
-    from tunelab.experiments.spec import expand_grid, load_spec, resolve_stages, validate
+    from tunelab.experiments.grid import expand_grid
+    from tunelab.experiments.spec import load_spec, resolve_stages, validate
 
     spec = load_spec(CONFIGS / "alignment_frontier.yaml")
     cells = expand_grid(spec)

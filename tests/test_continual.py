@@ -312,7 +312,8 @@ def test_a_cell_killed_in_stage_two_resumes_to_the_uninterrupted_result(name, op
     mid-way): stage 1's cross-stage state (Fisher + anchor, buffer, snapshot, finished adapters) comes back
     with stage 1, so stages 2 and 3 train, and every stage's test data scores, exactly as in an
     uninterrupted run (per-domain adapters: stage 1's data with stage 1's adapter)."""
-    from tunelab.experiments.spec import expand_grid, validate
+    from tunelab.experiments.grid import expand_grid
+    from tunelab.experiments.spec import validate
 
     lora = {"name": "lora", "options": {"r": 2, "target_modules": "all-linear"}}
     raw = {

@@ -16,8 +16,9 @@ import yaml
 
 from tunelab.cli import main
 from tunelab.experiments import analysis, pricing, slides
+from tunelab.experiments.grid import cell_key, expand_grid
 from tunelab.experiments.report import summarize, write_report
-from tunelab.experiments.spec import cell_key, expand_grid, validate
+from tunelab.experiments.spec import validate
 
 #            label, peak MB, train s, scores over 2 seeds
 METHODS = [("full", 900.0, 3600.0, [0.60, 0.62]),

@@ -335,7 +335,8 @@ def test_model_layers_trains_a_student_cut_from_a_bigger_model(dirs, tmp_path, c
     """``model: {layers: [...]}`` trains (and keys, and reports) the student init_from_teacher builds; the
     ``tunelab student`` command writes the same student as a directory; ``generate --layers`` loads it."""
     from tunelab.cli import main
-    from tunelab.experiments.spec import ModelSpec, cell_key, expand_grid, load_spec
+    from tunelab.experiments.grid import cell_key, expand_grid
+    from tunelab.experiments.spec import ModelSpec, load_spec
 
     config = tmp_path / "cut.yaml"
     config.write_text(f"""

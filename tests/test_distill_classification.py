@@ -244,7 +244,8 @@ def test_shipped_minilm_config_validates_expands_and_reads_sst2(monkeypatch):
     """configs/distillation_minilm.yaml: the teacher-sized reference, the cut student on labels and distilled;
     with the shared data present, its column mapping yields SST-2's two labels."""
     from tunelab.cli import packaged_config
-    from tunelab.experiments.spec import expand_grid, load_spec
+    from tunelab.experiments.grid import expand_grid
+    from tunelab.experiments.spec import load_spec
 
     spec = load_spec(packaged_config("distillation_minilm"), [])
     cells = {cell.method_label: cell.spec for cell in expand_grid(spec)}

@@ -120,7 +120,8 @@ def test_encoders_are_skipped_with_a_reason():
 # ------------------------------------------------------------------------------------- config
 def test_the_option_is_off_by_default_and_leaves_existing_cell_keys_alone(tmp_path):
     from tunelab.experiments import baselines
-    from tunelab.experiments.spec import cell_key, expand_grid, resolve_stages, validate
+    from tunelab.experiments.grid import cell_key, expand_grid
+    from tunelab.experiments.spec import resolve_stages, validate
 
     raw = {"name": "x", "data": {"train_size": 16}, "eval": {"max_new_tokens": 4},
            "stages": [{"name": "a"}, {"name": "b", "data": {"domain": "legal"}}]}

@@ -88,7 +88,8 @@ def _umask() -> int:
 
 
 def test_a_changed_data_file_changes_the_cell_key(tmp_path):
-    from tunelab.experiments.spec import cell_key, expand_grid, validate
+    from tunelab.experiments.grid import cell_key, expand_grid
+    from tunelab.experiments.spec import validate
 
     data = tmp_path / "rows.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n')
@@ -99,7 +100,8 @@ def test_a_changed_data_file_changes_the_cell_key(tmp_path):
 
 
 def test_non_ascii_labels_keep_distinct_run_ids_and_clashes_fail_at_load(tmp_path):
-    from tunelab.experiments.spec import expand_grid, load_spec
+    from tunelab.experiments.grid import expand_grid
+    from tunelab.experiments.spec import load_spec
 
     path = tmp_path / "x.yaml"
     path.write_text("name: x\ngrid: {methods: [{name: lora, label: α}, {name: lora, label: β}]}\n", encoding="utf-8")
@@ -260,8 +262,9 @@ def test_a_sigkilled_cell_resumes_from_its_checkpoint_to_the_uninterrupted_resul
 
 
 def test_staged_cell_resumes_in_the_stage_it_stopped_in(tmp_path, small_model_dir):
+    from tunelab.experiments.grid import expand_grid
     from tunelab.experiments.runner import run_cell
-    from tunelab.experiments.spec import expand_grid, load_spec
+    from tunelab.experiments.spec import load_spec
 
     config = _config(tmp_path, small_model_dir, steps=2)
     config.write_text(config.read_text() + "stages: [{name: first}, {name: second, train: {max_steps: 3}}]\n")
@@ -300,7 +303,8 @@ def test_cell_key_follows_a_local_model_directory(tmp_path, small_model_dir):
     """Item 1: a model directory whose files change makes its cells stale (name, size, mtime)."""
     import shutil
 
-    from tunelab.experiments.spec import cell_key, expand_grid, validate
+    from tunelab.experiments.grid import cell_key, expand_grid
+    from tunelab.experiments.spec import validate
 
     model_dir = tmp_path / "model"
     shutil.copytree(small_model_dir, model_dir)

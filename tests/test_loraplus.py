@@ -16,8 +16,8 @@ from torch import nn
 
 from tunelab import tuners
 from tunelab.errors import ConfigError
-from tunelab.experiments.runner import loraplus_groups
 from tunelab.models import testing
+from tunelab.train.param_groups import loraplus_groups
 from tunelab.tuners.base import BaseTunerLayer
 from tunelab.tuners.lora.loraplus import configured_ratio
 

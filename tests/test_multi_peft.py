@@ -18,7 +18,8 @@ from torch import nn
 
 from tunelab import tuners
 from tunelab.errors import ConfigError, MethodError
-from tunelab.experiments.spec import MethodSpec, cell_key, expand_grid, validate
+from tunelab.experiments.grid import cell_key, expand_grid
+from tunelab.experiments.spec import MethodSpec, validate
 from tunelab.models import testing
 from tunelab.train.engine import build_param_groups
 from tunelab.train.param_groups import combined_rates, optimizer_groups

@@ -302,8 +302,9 @@ def test_conll_squad_and_task_manifest_formats(tmp_path):
 
 def test_a_run_resumed_after_its_first_stage_gets_that_stages_heads_back(tmp_path, small_model_dir):
     """Stage 2 adds a task; a cell killed in stage 2 restores stage 1's heads (they are not model parameters)."""
+    from tunelab.experiments.grid import expand_grid
     from tunelab.experiments.runner import run_cell
-    from tunelab.experiments.spec import expand_grid, validate
+    from tunelab.experiments.spec import validate
 
     old = [{"name": "qa"}, {"name": "domain", "match": {"task": "domain_classification"}}]
     raw = {

@@ -242,8 +242,8 @@ def test_cli_lists_objectives_and_methods_with_summaries(capsys):
 
 
 def test_grid_params_make_distinct_report_rows_not_seeds():
+    from tunelab.experiments.grid import expand_grid
     from tunelab.experiments.report import summarize
-    from tunelab.experiments.spec import expand_grid
 
     spec = validate(_spec(grid={"seeds": [0, 1], "params": {"train.learning_rate": [0.001, 0.01],
                                                             "objective": [{"name": "sft"}]}}))

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tunelab.errors import ConfigError
-from tunelab.experiments.spec import expand_grid, load_spec, parse_overrides, validate
+from tunelab.experiments.grid import expand_grid
+from tunelab.experiments.spec import load_spec, parse_overrides, validate
 
 SHIPPED = sorted(Path(str(resources.files("tunelab") / "configs")).glob("*.yaml"))
 

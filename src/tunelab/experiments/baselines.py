@@ -51,7 +51,7 @@ def store_untuned(run_dir: Path, key: str, metrics: list[dict]) -> None:
 def general_probe_key(spec) -> str:
     """What the untuned model's general-probe perplexity depends on: the model, the probe settings, the
     probe file's content and the batch size (padding changes the last bits of float sums)."""
-    from tunelab.experiments.spec import file_fingerprint
+    from tunelab.experiments.grid import file_fingerprint
 
     probe = spec.eval.general_probe
     payload = {"model": spec.model.identity(), "probe": probe.model_dump(mode="json"),

@@ -3,7 +3,7 @@
 - **Lock**: one process works on a run directory at a time. ``RunLock`` takes an exclusive
   ``fcntl.flock`` on the directory itself (no lock file to leave behind; the kernel releases it when
   the process dies, so a crashed run never leaves a stale lock); a second run fails at once with one line.
-- **Cell identity**: a finished cell's result file carries ``cell_key`` (:func:`tunelab.experiments.spec.cell_key`);
+- **Cell identity**: a finished cell's result file carries ``cell_key`` (:func:`tunelab.experiments.grid.cell_key`);
   a result whose key differs from the current cell's is stale: it is moved to ``results/superseded/``
   and the cell runs again. Results of cells that are no longer in the grid move there too, so that
   ``config.yaml`` and ``results/*.json`` always describe each other.

@@ -38,15 +38,10 @@ from tunelab.adapt.store import store
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.experiments import distributed, environment, pricing, registry, rundir
 from tunelab.experiments import jobs as parallel
+from tunelab.experiments.grid import cell_key, expand_grid
 from tunelab.experiments.preflight import apply_methods, load_model, preflight, stage_splits
 from tunelab.experiments.rundir import RunLock, check_writable
-from tunelab.experiments.spec import (
-    Cell,
-    ExperimentSpec,
-    cell_key,
-    expand_grid,
-    resolve_stages,
-)
+from tunelab.experiments.spec import Cell, ExperimentSpec, resolve_stages
 from tunelab.train.param_groups import combined_rates, optimizer_groups
 from tunelab.utils import atomic_path, atomic_write_json, atomic_write_text, seed_everything
 

@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from tunelab.errors import ConfigError
+from tunelab.experiments import grid
 from tunelab.experiments import spec as spec_module
 from tunelab.experiments.rundir import check_writable
 from tunelab.experiments.search import ParamSpace, SearchSpec
@@ -81,7 +82,7 @@ def targets(spec: ExperimentSpec, per_method: bool, study_name: str | None) -> l
         return [Target(spec.method.display, spec.method, base)]
     if not spec.grid.methods:
         raise ConfigError("equal-budget tuning (--per-method) needs grid.methods: the methods to compare")
-    return [Target(m.display, m, f"{base}.{spec_module.clean_run_id(m.display)}") for m in spec.grid.methods]
+    return [Target(m.display, m, f"{base}.{grid.clean_run_id(m.display)}") for m in spec.grid.methods]
 
 
 def applicable(space: dict[str, ParamSpace], method: MethodSpec) -> dict[str, ParamSpace]:
@@ -281,7 +282,7 @@ def run_trials(spec: ExperimentSpec, target: Target, trials: int, storage: str, 
 
     def objective(trial) -> float:
         params = absolute(sample(trial, space), bases)
-        run_id = spec_module.clean_run_id(f"{target.label}-trial{trial.number:03d}")
+        run_id = grid.clean_run_id(f"{target.label}-trial{trial.number:03d}")
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("values", params)  # what the cell ran with (relative factors resolved)
         cell = cell_for(spec, target, params, run_id)
