@@ -374,6 +374,8 @@ def test_a_run_resumed_after_its_reward_stage_gets_the_reward_model_back(tmp_pat
     and the cell's outputs hold a reward model that RewardModel.load scores with."""
     import shutil
 
+    from transformers import AutoConfig
+
     from tunelab.align import RewardModel
     from tunelab.experiments.grid import expand_grid
     from tunelab.experiments.runner import run_cell
@@ -396,6 +398,11 @@ def test_a_run_resumed_after_its_reward_stage_gets_the_reward_model_back(tmp_pat
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     resumed = run_cell(cell, partial, progress=False)
     assert resumed["stage_matrix"]["metrics"] == straight["stage_matrix"]["metrics"]
+    # each stage counts what it trained, the reward stage its adapter *and* head (taken off after it)
+    policy, rm, sft = (stage["trainable_parameters"] for stage in straight["stages"])
+    hidden = AutoConfig.from_pretrained(small_model_dir).hidden_size
+    assert policy == sft and rm == policy + hidden + 1  # same LoRA shape; the scalar head is hidden -> 1
+    assert straight["trainable_parameters"] == sft
     assert [h.get("loss") for h in resumed["history"]] == [h.get("loss") for h in straight["history"]]
     assert resumed["outputs"]["reward_model"] == f"adapters/{cell.run_id}/reward"
     reward_dirs = [run / "adapters" / cell.run_id / "reward" for run in (tmp_path / "straight", partial)]

@@ -245,6 +245,7 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
                            callbacks=[*(callbacks or []), *([_killer(kill_at)] if kill_at else [])] or None,
                            param_groups=optimizer_groups(model, rates, stage.train.learning_rate,
                                                          stage.train.weight_decay))
+            stage_trainable = _trainable(model, objective)  # before on_stage_end may take the stage's adapter off
             objective.on_stage_end(model, train_records)
             # what the objective's setup made trainable (multitask's per-task adapters) is the stage's too
             trained_names |= {name for name, p in model.named_parameters() if p.requires_grad}
@@ -257,6 +258,7 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
             stage_record = {"name": stage.name, "objective": stage.objective.name,
                             "method": stage.method.name if stage.method else None,
                             "train_size": len(train_records), "steps": result.steps,
+                            "trainable_parameters": stage_trainable,
                             "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,
                             "final_eval_loss": result.final_eval_loss,
                             "eval_seconds": time.perf_counter() - started, "metrics": row[index], **probed}
@@ -272,7 +274,9 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
     if not main:
         return None
     metrics = dict(matrix[-1][len(prepared) - 1])
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = stage_records[-1].get("trainable_parameters")  # older stage records lack it
+    if trainable is None:
+        trainable = _trainable(model, objectives[-1])
     total = sum(p.numel() for p in model.parameters())
     latency, latency_tokens = _latency_ms(model, objectives[-1].collate_fn, prepared[-1][4],
                                           spec.eval.latency_batches)
@@ -491,6 +495,16 @@ def _save_outputs(run_dir: Path, run_id: str, model, predictions: list[dict], ob
     atomic_write_text(run_dir / "predictions" / f"{run_id}.jsonl", lines)
     outputs["predictions"] = f"predictions/{run_id}.jsonl"
     return outputs
+
+
+def _trainable(model, objective) -> int:
+    """Parameters the stage trains: the model's trainable ones and those of the objective's own modules
+    (a reward or task head), each counted once."""
+    seen: set[int] = set()
+    for module in (model, *objective.modules()):
+        seen |= {id(p) for p in module.parameters() if p.requires_grad}
+    params = {id(p): p for module in (model, *objective.modules()) for p in module.parameters()}
+    return sum(params[i].numel() for i in seen)
 
 
 def _stage_objective(prepared_stage, tokenizer):
