@@ -94,6 +94,27 @@ def test_dpo_objective_equals_dpo_loss_on_logps_with_and_without_the_adapter(tok
     assert abs(chosen).sum() > 0  # the adapter really changed the policy
 
 
+def test_dpo_sft_weight_adds_the_chosen_token_nll(tokenizer, pairs):
+    """RPO: loss = DPO + α · (−Σ log π(y_w) / Σ |y_w|), from separate unpadded forwards; ORPO refuses it."""
+    model = lora_model(tokenizer, trained=True).eval()
+    obj = setup(objective("dpo", tokenizer, beta=0.2, sft_weight=0.7, check_reference=False), model)
+    batch = obj.collate_fn(pairs[:4])
+    out = obj.loss(model, batch)
+    with torch.no_grad():
+        policy = separate_logps(model, tokenizer, pairs[:4], average=False)
+        with tuners.disabled(model):
+            reference = separate_logps(model, tokenizer, pairs[:4], average=False)
+        per_token = separate_logps(model, tokenizer, pairs[:4], average=True)[0]
+    losses, _, _ = dpo_loss(*policy, *reference, beta=0.2)
+    tokens = policy[0] / per_token  # each chosen completion's length, from its unpadded forward
+    assert len(set(tokens.round().tolist())) > 1  # lengths differ: a mean of per-pair means would not match
+    nll = -policy[0].sum() / tokens.sum()
+    assert out.metrics["nll"] == pytest.approx(nll.item(), abs=1e-5)
+    assert out.loss.item() == pytest.approx((losses.mean() + 0.7 * nll).item(), abs=1e-5)
+    with pytest.raises(ConfigError, match="orpo already includes"):
+        objective("dpo", tokenizer, loss_type="orpo", sft_weight=1.0)
+
+
 def test_kto_objective_equals_kto_loss(tokenizer, pairs):
     model = lora_model(tokenizer, trained=True).eval()
     obj = setup(objective("kto", tokenizer, beta=0.3, check_reference=False), model)

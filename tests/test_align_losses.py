@@ -291,8 +291,9 @@ def test_sequence_logps_equal_trl_fused_head_and_get_batch_logps(preference_batc
         )
 
 
-def _trl_dpo(b, rows, loss_type, beta, label_smoothing):
-    """TRL 1.16's DPOTrainer._compute_loss on the pair(s) ``rows`` (indices into the chosen half)."""
+def _trl_dpo(b, rows, loss_type, beta, label_smoothing, sft_weight=0.0):
+    """TRL 1.16's DPOTrainer._compute_loss on the pair(s) ``rows`` (indices into the chosen half); with
+    ``sft_weight`` α its RPO form, ``loss_type=[loss_type, "sft"]`` and ``loss_weights=[1, α]``."""
     from trl import DPOTrainer
 
     half = len(b.input_ids) // 2
@@ -303,8 +304,8 @@ def _trl_dpo(b, rows, loss_type, beta, label_smoothing):
         ld_alpha=None,
         precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
-        loss_types=[loss_type],
-        loss_weights=[1.0],
+        loss_types=[loss_type, "sft"] if sft_weight else [loss_type],
+        loss_weights=[1.0, sft_weight] if sft_weight else [1.0],
         beta=beta,
         label_smoothing=label_smoothing,
         use_weighting=False,
@@ -353,6 +354,22 @@ def test_dpo_loss_equals_trl_dpo_trainer(preference_batch, loss_type, beta, labe
         if not average:  # TRL logs rewards from summed log-probs
             assert chosen_rewards[pair].item() == pytest.approx(chosen, abs=1e-5)
             assert rejected_rewards[pair].item() == pytest.approx(rejected, abs=1e-5)
+
+
+@pytest.mark.parametrize("sft_weight", [0.5, 1.0])
+def test_rpo_sft_term_equals_trl_sigmoid_plus_sft(preference_batch, sft_weight):
+    """DPO + α NLL(chosen) (RPO) against TRL's loss_type [sigmoid, sft] with loss_weights [1, α]: the NLL is
+    the token mean over the batch's chosen completions (pairs of different lengths make the difference)."""
+    b = preference_batch
+    policy, reference = A.sequence_logps(b.policy_logits, b.labels), A.sequence_logps(b.reference_logits, b.labels)
+    losses, _, _ = A.dpo_loss(*policy.chunk(2), *reference.chunk(2), beta=0.1)
+    tokens = (b.labels[:, 1:] != -100).sum(-1)  # (2B,) scored tokens
+    nll = A.chosen_nll(policy.chunk(2)[0], tokens.chunk(2)[0])
+    assert tokens[:3].tolist() != [tokens[0].item()] * 3  # lengths differ: a mean of means would not match
+    expected, _, _ = _trl_dpo(b, range(3), "sigmoid", 0.1, 0.0, sft_weight=sft_weight)
+    assert (losses.mean() + sft_weight * nll).item() == pytest.approx(expected, abs=1e-5)
+    by_hand = -policy[:3].sum() / tokens[:3].sum()
+    assert nll.item() == pytest.approx(by_hand.item(), abs=1e-6)
 
 
 def test_dpo_with_the_policy_as_its_own_reference_is_log_two_in_trl_and_here(preference_batch):

@@ -11,6 +11,9 @@ and the loss is a function of the margin Δ = (r_w − r_l)/β:
     orpo     NLL(y_w) − λ log σ(log odds(y_w) − log odds(y_l))     (Hong et al. 2024; no reference)
     simpo    −log σ(β (mean log π(y_w) − mean log π(y_l)) − γ)      (Meng et al. 2024; no reference)
 
+and with ``sft_weight`` α > 0 any of them but ORPO gets + α · NLL(y_w), the chosen completions' NLL per
+token (RPO, Pang et al. 2024: DPO's margin can grow while the chosen answers' likelihood falls too).
+
 ORPO and SimPO are ``loss_type``s of this objective rather than objectives of their own: they take
 the same pairs, the same collator, the same metrics and evaluation, and differ only in the loss and
 in having no reference (``reference`` becomes ``none`` for them; asking for another is an error).
@@ -44,7 +47,7 @@ from tunelab.align.logps import (
     evaluate_preferences,
     pair_logps,
 )
-from tunelab.align.losses import dpo_loss, orpo_loss, simpo_loss
+from tunelab.align.losses import IGNORE_INDEX, chosen_nll, dpo_loss, orpo_loss, simpo_loss
 from tunelab.align.reference import Reference, ReferenceMode, StageDropout
 from tunelab.train.objective import BaseObjective, LossOutput, ObjectiveConfig
 
@@ -76,11 +79,17 @@ class DPOOptions(ReferenceOptions):
                         "SimPO's reward scale — use ~2 there). 0.1 is TRL's default.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε, assumed rate of flipped labels (sigmoid, robust, simpo).")
     simpo_gamma: float = Field(0.5, description="SimPO's target margin γ (absolute).")
+    sft_weight: float = Field(0.0, ge=0, description="α of RPO (Pang et al. 2024): adds α × the NLL of the chosen "
+                              "completions (token mean over the batch) so their likelihood does not fall with the "
+                              "rejected ones'. TRL: loss_type [sigmoid, sft], loss_weights [1, α]. 0 = off; the "
+                              "paper uses 1.")
     eval_generation: bool = Field(True, description="Evaluate greedy generations against the chosen answer "
                                   "(meaningful when chosen is the known answer, as in the built-in world).")
 
     @model_validator(mode="after")
     def _reference_fits_loss(self) -> DPOOptions:
+        if self.sft_weight and self.loss_type == "orpo":
+            raise ValueError("loss_type orpo already includes the chosen NLL; remove sft_weight")
         if self.loss_type in REFERENCE_FREE:
             if "reference" in self.model_fields_set and self.reference != "none":
                 raise ValueError(f"loss_type {self.loss_type} is reference-free; remove reference or set it to none")
@@ -150,7 +159,12 @@ class DPOObjective(BaseObjective):
                 beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
             kl = (policy.detach() - reference)[:, :2].mean()
             metrics = {"kl": float(kl)}
-        return LossOutput(losses.mean(), {
+        loss = losses.mean()
+        if config.sft_weight:  # RPO: + α NLL(y_w), the token mean over the batch's chosen completions
+            nll = chosen_nll(policy[:, CHOSEN_SUM], (batch["chosen_labels"][:, 1:] != IGNORE_INDEX).sum(-1))
+            loss = loss + config.sft_weight * nll
+            metrics["nll"] = float(nll.detach())
+        return LossOutput(loss, {
             "rewards/chosen": float(chosen_rewards.mean()),
             "rewards/rejected": float(rejected_rewards.mean()),
             "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),

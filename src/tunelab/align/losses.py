@@ -33,6 +33,7 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "IGNORE_INDEX",
     "AdaptiveKLController",
+    "chosen_nll",
     "dpo_loss",
     "gae",
     "grpo_advantages",
@@ -149,6 +150,23 @@ def dpo_loss(
     else:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The NLL of the chosen completions, averaged over their tokens in the batch (a scalar):
+
+        L_NLL = − Σ_b log π(y_w,b | x_b) / Σ_b |y_w,b|
+
+    RPO (Pang et al. 2024, arXiv:2404.19733) adds α · L_NLL to the DPO loss so that the chosen answers'
+    likelihood does not fall along with the rejected ones' (DPO's margin can grow while both drop). TRL
+    1.16 writes it as ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, α]``; its ``sft`` term is this
+    token mean (not a mean of per-sequence means).
+
+    Args:
+        chosen_logps: (B,) summed log-probs of the chosen completions.
+        chosen_tokens: (B,) their numbers of scored tokens.
+    """
+    return -chosen_logps.float().sum() / chosen_tokens.sum().clamp_min(1)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
