@@ -210,3 +210,16 @@ def test_console_table_gives_the_95_percent_interval_like_the_report(tmp_path):
     text = console.export_text()
     lora = next(m for m in METHODS if m[0] == "lora")[4]
     assert "95% CI" in text and f"± {ci95(list(lora)):.4f}" in text
+
+
+def test_report_and_slides_take_the_name_from_the_runs_own_config(tmp_path):
+    """Results reused from another run by cell key carry that run's experiment name; the title is this run's."""
+    from tunelab.experiments import slides
+
+    run_dir = fake_run(tmp_path / "run")  # every result says experiment "fake"
+    write_report(run_dir)
+    assert (run_dir / "report.md").read_text().startswith("# Experiment `fake`")  # no config.yaml: the results'
+    (run_dir / "config.yaml").write_text("name: combined\n")
+    write_report(run_dir)
+    assert (run_dir / "report.md").read_text().startswith("# Experiment `combined`")
+    assert "<h1>combined</h1>" in slides.build_deck(run_dir)

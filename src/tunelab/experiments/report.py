@@ -168,7 +168,7 @@ def write_report(run_dir: str | Path, price_per_hour: float | None = None) -> tu
         return _write_failures_only(run_dir, failed)
     results = load_results(run_dir)
     rows = summarize(results, price)
-    name = results[0].get("experiment", run_dir.name)
+    name = rundir.experiment_name(run_dir, results)
     loss_png, quality_png = plot_loss_curves(results), plot_quality_vs_parameters(rows)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)

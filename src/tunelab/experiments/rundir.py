@@ -123,3 +123,17 @@ def drop_stale_failures(run_dir: Path, keys: dict[str, str]) -> None:
     for path in sorted((Path(run_dir) / "failed").glob("*.json")):
         if keys.get(path.stem) != result_key(path):
             clear_failure(run_dir, path.stem)
+
+
+def experiment_name(run_dir: Path, results: list[dict]) -> str:
+    """The run's experiment name: ``name`` in its ``config.yaml`` (results reused from another run by cell key
+    carry that run's name), else the first result's, else the folder's name."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        raw = None
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+        return raw["name"]
+    return (results[0].get("experiment") if results else None) or Path(run_dir).name

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tunelab.experiments import analysis, pricing
+from tunelab.experiments import analysis, pricing, rundir
 from tunelab.experiments.report import load_results, plot_quality_vs_parameters, summarize
 from tunelab.utils import atomic_write_text
 
@@ -161,7 +161,7 @@ def build_deck(run_dir: str | Path, price_per_hour: float | None = None) -> str:
     run_dir = Path(run_dir)
     results = load_results(run_dir)
     rows = summarize(results, pricing.price_per_hour(run_dir, price_per_hour))
-    name = results[0].get("experiment", run_dir.name)
+    name = rundir.experiment_name(run_dir, results)
     methods = sorted({r["method_label"]: analysis.method_names(r) for r in results}.items())
     method_of = dict(methods)
     sizes = sorted({r["train_size"] for r in rows})
