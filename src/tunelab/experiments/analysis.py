@@ -238,11 +238,17 @@ def _size_section(heading: str, group: list[dict], named: set[str]) -> list[str]
 def plot_pareto(rows: list[dict], cost: str, label: str) -> bytes:
     """Score (with 95% CI bars) against a cost, one marker per method and size, frontier joined."""
     def draw(axis):
+        import matplotlib
+
+        series = len(rows)
+        colors = matplotlib.colormaps["tab10" if series <= 10 else "tab20"].colors  # a colour per point
+        index = 0
         for size in sorted({r["train_size"] for r in rows}):
             group = [r for r in rows if r["train_size"] == size and _finite(r.get(cost))]
             for row in group:
                 axis.errorbar(row[cost], row["score"], yerr=row["score_ci95"] or None, fmt="o", capsize=3,
-                              label=f"{row['method']} (n={size})")
+                              color=colors[index % len(colors)], label=f"{row['method']} (n={size})")
+                index += 1
             for _size, _scope, same in comparable_groups(group):  # a frontier only joins comparable cells
                 front = frontier(same, cost)
                 if len(front) > 1:
@@ -260,9 +266,10 @@ def plot_pareto(rows: list[dict], cost: str, label: str) -> bytes:
         score_axis(axis, [r["score"] + (r["score_ci95"] or 0.0) for r in rows],
                    label="held-out score (mean ± 95% CI)")
         axis.set_title(f"Quality vs {label} (dotted: Pareto frontier)")
-        axis.legend(fontsize=7)
+        # beside the axes, not over the points (a dozen cells would hide some)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         axis.grid(alpha=0.3)
-    return figure_png(draw)
+    return figure_png(draw, width=8.5)  # room for the legend beside the axes
 
 
 def report_section(run_dir: str | Path, results: list[dict], rows: list[dict]) -> tuple[str, str]:
