@@ -120,6 +120,10 @@ def test_cells_scored_on_different_domains_are_ranked_per_domain(tmp_path):
     two_legal = rows + [{**rows[0], "method": "lora-legal", "test_data": legal}]  # now legal has two cells
     scopes = [scope for _, scope, _, _ in analysis.ranked_groups(two_legal)]
     assert scopes == ["domain=legal", "domain=medical"]
+    from tunelab.experiments import slides
+
+    best = [item for item in slides._recommendation(two_legal) if item.startswith("Best held-out")]
+    assert len(best) == 2 and "domain=legal" in best[0] and "domain=medical" in best[1]  # one per domain
 
 
 def test_score_axis_of_pareto_plots_starts_at_zero(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from tunelab.experiments import markdown_html, pricing
-from tunelab.experiments.plots import figure_png, score_axis
+from tunelab.experiments.plots import figure_png, legend_beside, point_colors, score_axis
 
 COSTS = (("trainable_parameters", "trainable parameters", "{:,.0f}"),
          ("peak_memory_mb", "peak memory (MB, RSS)", "{:,.0f}"),
@@ -238,17 +238,12 @@ def _size_section(heading: str, group: list[dict], named: set[str]) -> list[str]
 def plot_pareto(rows: list[dict], cost: str, label: str) -> bytes:
     """Score (with 95% CI bars) against a cost, one marker per method and size, frontier joined."""
     def draw(axis):
-        import matplotlib
-
-        series = len(rows)
-        colors = matplotlib.colormaps["tab10" if series <= 10 else "tab20"].colors  # a colour per point
-        index = 0
+        colors = iter(point_colors(len(rows)))
         for size in sorted({r["train_size"] for r in rows}):
             group = [r for r in rows if r["train_size"] == size and _finite(r.get(cost))]
             for row in group:
                 axis.errorbar(row[cost], row["score"], yerr=row["score_ci95"] or None, fmt="o", capsize=3,
-                              color=colors[index % len(colors)], label=f"{row['method']} (n={size})")
-                index += 1
+                              color=next(colors), label=f"{row['method']} (n={size})")
             for _size, _scope, same in comparable_groups(group):  # a frontier only joins comparable cells
                 front = frontier(same, cost)
                 if len(front) > 1:
@@ -266,8 +261,7 @@ def plot_pareto(rows: list[dict], cost: str, label: str) -> bytes:
         score_axis(axis, [r["score"] + (r["score_ci95"] or 0.0) for r in rows],
                    label="held-out score (mean ± 95% CI)")
         axis.set_title(f"Quality vs {label} (dotted: Pareto frontier)")
-        # beside the axes, not over the points (a dozen cells would hide some)
-        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        legend_beside(axis)
         axis.grid(alpha=0.3)
     return figure_png(draw, width=8.5)  # room for the legend beside the axes
 

@@ -54,3 +54,16 @@ def ci95(values: list[float]) -> float:
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     t = T_975[n - 2] if n - 2 < len(T_975) else 1.96
     return t * std / math.sqrt(n)
+
+
+def point_colors(count: int) -> list:
+    """A distinct colour for each of ``count`` markers (tab10, or tab20 beyond ten; repeats past twenty)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if count <= 10 else "tab20"].colors
+    return [palette[i % len(palette)] for i in range(count)]
+
+
+def legend_beside(axis) -> None:
+    """The legend right of the axes, not over the points (a dozen cells would hide some)."""
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)

@@ -30,7 +30,7 @@ from tunelab.experiments import (
     report_stages,
     rundir,
 )
-from tunelab.experiments.plots import ci95, figure_png, score_axis
+from tunelab.experiments.plots import ci95, figure_png, legend_beside, point_colors, score_axis
 from tunelab.multitask import report as multitask_report
 from tunelab.utils import atomic_write_text
 
@@ -143,17 +143,17 @@ def plot_loss_curves(results: list[dict]) -> bytes:
 
 def plot_quality_vs_parameters(rows: list[dict]) -> bytes:
     def draw(axis):
-        for row in rows:
+        for row, color in zip(rows, point_colors(len(rows)), strict=True):
             axis.errorbar(row["trainable_parameters"], row["score"], yerr=row.get("score_ci95") or None, fmt="o",
-                          capsize=3, label=f"{row['method']} (n={row['train_size']}, {row['seeds']} seed(s))")
+                          capsize=3, color=color, label=f"{row['method']} (n={row['train_size']}, {row['seeds']} seed(s))")
         axis.set_xscale("log")
         axis.set_xlabel("trainable parameters (log scale)")
         score_axis(axis, [r["score"] + (r.get("score_ci95") or 0.0) for r in rows],
                    label="held-out score (mean of each task's main metric)")
         axis.set_title("Quality vs trainable parameters (error bars: 95% CI over seeds)")
-        axis.legend(fontsize=7)
+        legend_beside(axis)
         axis.grid(alpha=0.3)
-    return figure_png(draw)
+    return figure_png(draw, width=8.5)  # room for the legend beside the axes
 
 
 def write_report(run_dir: str | Path, price_per_hour: float | None = None) -> tuple[Path, Path]:

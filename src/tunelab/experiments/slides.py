@@ -25,6 +25,7 @@ from tunelab.experiments.report import load_results, plot_quality_vs_parameters,
 from tunelab.utils import atomic_write_text
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
+ITEMS_PER_SLIDE = 6  # bullets of frontiers or recommendations per slide (more overflow the page)
 METHODS_PER_SLIDE = 5
 
 
@@ -125,26 +126,31 @@ def _ties(rows: list[dict]) -> list[str]:
 
 
 def _recommendation(rows: list[dict]) -> list[str]:
+    """At the largest training size: the best method and a cheaper tied one, per test set (a grid over
+    ``data.domain`` gets one recommendation per domain; one test set, one recommendation)."""
     largest = max(r["train_size"] for r in rows)
-    groups = [group for size, _, _, group in analysis.ranked_groups(rows) if size == largest]
+    groups = [(scope, split, group) for size, scope, split, group in analysis.ranked_groups(rows) if size == largest]
     if not groups:
         return ["The cells are scored on different tasks (e.g. single-task baselines), so no one of them can be "
                 "recommended over another: compare each task's scores in the report."]
-    group = max(groups, key=len)
-    best, tied = analysis.ties(group)
-    if best is None:
-        return ["No finished results to recommend from."]
-    contenders = [best, *tied]
-    cheapest = min(contenders, key=lambda r: (r["peak_memory_mb"], r["trainable_parameters"]))
-    interval = f" ± {best['score_ci95']:.4f}" if best["seeds"] > 1 else ""
-    items = [f"Best held-out score at n={largest}: <b>{html.escape(best['method'])}</b> ({best['score']:.4f}{interval})"]
-    if cheapest is not best:
-        items.append(f"Statistically tied and cheaper: <b>{html.escape(cheapest['method'])}</b> "
-                     f"({cheapest['trainable_parameters']:,} trainable parameters, {cheapest['peak_memory_mb']:.0f} MB)"
-                     " — recommend it when memory or storage per task matters")
-    items.append("Re-run with more seeds where CIs overlap before claiming a winner" if tied or best["seeds"] < 2
-                 else "The lead is outside the other methods' 95% CIs")
-    return items
+    items: list[str] = []
+    for scope, split, group in groups:
+        best, tied = analysis.ties(group)
+        if best is None:
+            continue
+        where = f"n={largest}" + (f", {scope}" if split and scope else "")
+        contenders = [best, *tied]
+        cheapest = min(contenders, key=lambda r: (r["peak_memory_mb"], r["trainable_parameters"]))
+        interval = f" ± {best['score_ci95']:.4f}" if best["seeds"] > 1 else ""
+        items.append(f"Best held-out score at {html.escape(where)}: <b>{html.escape(best['method'])}</b> "
+                     f"({best['score']:.4f}{interval})")
+        if cheapest is not best:
+            items.append(f"Statistically tied and cheaper: <b>{html.escape(cheapest['method'])}</b> "
+                         f"({cheapest['trainable_parameters']:,} trainable parameters, "
+                         f"{cheapest['peak_memory_mb']:.0f} MB) — recommend it when memory or storage per task matters")
+        items.append("Re-run with more seeds where CIs overlap before claiming a winner" if tied or best["seeds"] < 2
+                     else "The lead is outside the other methods' 95% CIs")
+    return items or ["No finished results to recommend from."]
 
 
 def _tuning(run_dir: Path) -> str | None:
@@ -189,10 +195,15 @@ def build_deck(run_dir: str | Path, price_per_hour: float | None = None) -> str:
         _slide("Quality vs train time", _image(analysis.plot_pareto(rows, "train_seconds", "train time (s)"),
                                                "pareto time")),
         *([_slide("Quality vs training cost", _cost_plot(rows))] if pricing.priced(rows) else []),
-        _slide("Trade-offs: best per budget (Pareto frontiers)", _bullets(_tradeoffs(rows)), "dense"),
-        _slide("What is a tie", _bullets(_ties(rows))),
-        _slide("Recommendation", _bullets(_recommendation(rows))),
     ]
+    trade_offs = _tradeoffs(rows)  # a grid over domains or sizes has a frontier per test set and cost
+    for start in range(0, len(trade_offs), ITEMS_PER_SLIDE):
+        slides.append(_slide("Trade-offs: best per budget (Pareto frontiers)",
+                             _bullets(trade_offs[start:start + ITEMS_PER_SLIDE]), "dense"))
+    recommendation = _recommendation(rows)
+    slides.append(_slide("What is a tie", _bullets(_ties(rows))))
+    for start in range(0, len(recommendation), ITEMS_PER_SLIDE):
+        slides.append(_slide("Recommendation", _bullets(recommendation[start:start + ITEMS_PER_SLIDE])))
     tuning = _tuning(run_dir)
     if tuning is not None:
         slides.append(_slide("Hyper-parameter search (tunelab tune)", tuning))
