@@ -18,6 +18,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from tunelab.align import curves as align_curves
 from tunelab.align import report as align_report
 from tunelab.distill import report as distill_report
 from tunelab.errors import DataError
@@ -186,8 +187,9 @@ def write_report(run_dir: str | Path, price_per_hour: float | None = None) -> tu
     if stage_png is not None:
         stage_md += "![stage matrix](plots/stage_matrix.png)\n\n"
     stage_md += align_report.markdown_section(results)  # reward vs KL to the reference, frontier (tunelab.align)
+    stage_md += align_curves.markdown_section(results)  # reward margin, accuracy and KL over training
     section_pngs = {"stage_matrix": stage_png, **multitask_report.plots(results),  # what stage_md links to
-                    **align_report.plots(results), **distill_report.plots(results)}
+                    **align_report.plots(results), **align_curves.plots(results), **distill_report.plots(results)}
     for plot_name, png in section_pngs.items():
         if png is not None:
             (plots / f"{plot_name}.png").write_bytes(png)
