@@ -275,6 +275,25 @@ def test_online_step_changes_only_trainable_parameters(tokenizer, pairs, name):
     assert "score" in obj.evaluate(model, pairs[:2])
 
 
+def test_token_f1_reward_gives_partial_credit_and_evaluation_still_reports_exact_match(tokenizer, pairs):
+    from tunelab.align.rollout import Rollout, exact_match_rewards, token_f1_rewards
+
+    texts = ["blue river\nmore", "blue", "red", "anything"]
+    answers = ["blue river", "blue river", "blue river", None]
+    assert exact_match_rewards(texts, answers).tolist() == [1.0, 0.0, 0.0, 0.0]
+    # first line only; "blue" vs "blue river": precision 1, recall 1/2 -> F1 2/3; no answer -> 0
+    assert token_f1_rewards(texts, answers).tolist() == pytest.approx([1.0, 2 / 3, 0.0, 0.0])
+    model = lora_model(tokenizer)
+    obj = setup(objective("grpo", tokenizer, reward="token_f1", max_new_tokens=4, check_reference=False), model)
+    rollout = Rollout.__new__(Rollout)
+    rollout.texts = texts[:3]
+    assert obj.score(rollout, answers[:3]).tolist() == pytest.approx([1.0, 2 / 3, 0.0])
+    records = [{**p, "answer": p["chosen"]} for p in pairs[:3]]
+    scores = obj.evaluate(model, records)
+    assert {"exact_match", "token_f1", "score"} <= set(scores) and scores["score"] == scores["exact_match"]
+    assert 0.0 <= scores["exact_match"] <= scores["token_f1"] <= 1.0
+
+
 def test_kto_accepts_unpaired_records(tokenizer):
     records = [{"id": str(i), "prompt": f"q{i}", "completion": "fine answer", "label": i % 2 == 0} for i in range(8)]
     model = lora_model(tokenizer)

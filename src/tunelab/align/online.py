@@ -1,7 +1,8 @@
 """``grpo`` and ``ppo``: generate-then-update RL on the shared training loop, any tunelab method as policy.
 
 Each optimizer step's ``loss()`` (1) samples completions for the batch's prompts from the policy,
-(2) scores them — the programmatic ground-truth reward (``reward: exact_match``, the built-in world's
+(2) scores them — the programmatic ground-truth reward (``reward: exact_match``, or its token F1,
+``reward: token_f1``, against the built-in world's
 known answers) or a trained reward model (``reward: model``, ``reward_model: <dir>``), (3) returns
 the loss. A rollout is reused for ``num_iterations`` consecutive steps (TRL's ``num_iterations`` /
 PPO's epochs), which is when the clipped ratio π/π_old departs from 1 and clipping matters.
@@ -49,7 +50,7 @@ from tunelab.align.rl import (
     ppo_policy_loss,
     value_loss,
 )
-from tunelab.align.rollout import Rollout, exact_match_rewards, sample, token_logps
+from tunelab.align.rollout import Rollout, exact_match_rewards, sample, token_f1_rewards, token_logps
 from tunelab.errors import ConfigError
 from tunelab.models.heads import TaskHeads
 from tunelab.train.objective import BaseObjective, LossOutput
@@ -59,9 +60,10 @@ from tunelab.utils import data_parallel_size, ranks_mean, unwrap_model
 class OnlineOptions(ReferenceOptions):
     """Options shared by ``grpo`` and ``ppo``."""
 
-    reward: Literal["exact_match", "model"] = Field("exact_match", description="exact_match: 1 when the completion "
-                                                    "equals the record's known answer (built-in world); model: a "
-                                                    "trained reward model from reward_model.")
+    reward: Literal["exact_match", "token_f1", "model"] = Field(
+        "exact_match", description="exact_match: 1 when the completion equals the record's known answer (built-in "
+        "world); token_f1: its token F1 with that answer (partial credit, a denser signal); model: a trained "
+        "reward model from reward_model.")
     reward_model: str | None = Field(None, description="Directory written by the reward objective's save_dir.")
     reward_model_base: str | None = Field(None, description="Base model of the reward model, if not the saved one.")
     max_new_tokens: int = Field(24, gt=0, description="Completion budget per rollout.")
@@ -108,9 +110,11 @@ class _OnlineObjective(BaseObjective):
 
     # --- rollouts
     def score(self, rollout: Rollout, answers: Sequence[str | None]) -> torch.Tensor:
-        if self.scorer is None:
-            return exact_match_rewards(rollout.texts, answers)
-        return self.scorer.score(rollout.sequences, rollout.attention_mask).cpu()
+        if self.scorer is not None:
+            return self.scorer.score(rollout.sequences, rollout.attention_mask).cpu()
+        if self.config.reward == "token_f1":
+            return token_f1_rewards(rollout.texts, answers)
+        return exact_match_rewards(rollout.texts, answers)
 
     def rollout(self, model: nn.Module, batch: dict[str, Any], generations: int, temperature: float) -> Rollout:
         # sampling is rank-local (each process decodes its own prompts for as many steps as they need): the
@@ -142,15 +146,22 @@ class _OnlineObjective(BaseObjective):
         """Greedy completions of held-out prompts: mean reward (= exact match with ``exact_match``); with a
         reference, ``kl_ref`` — the held-out KL(π ‖ π_ref) that ``dpo`` / ``kto`` report too
         (:mod:`tunelab.align.kl`), over ``max_new_tokens`` (the eval section's; else the rollouts') tokens."""
-        rewards, prompts = [], []
+        rewards, matches, prompts = [], [], []
         for start in range(0, len(records), batch_size):
             chunk = list(records[start : start + batch_size])
             batch = self.collate_fn(chunk)
             prompts += batch["prompts"]
-            rewards += self.score(self.rollout(model, batch, 1, 0.0), batch["answers"]).tolist()
+            rollout = self.rollout(model, batch, 1, 0.0)
+            rewards += self.score(rollout, batch["answers"]).tolist()
+            matches += exact_match_rewards(rollout.texts, batch["answers"]).tolist()
         mean = sum(rewards) / len(rewards)
-        key = "exact_match" if self.scorer is None else "reward"
-        result = {key: mean, "score": mean}
+        if self.scorer is not None:
+            result = {"reward": mean, "score": mean}
+        else:  # a programmatic reward: greedy exact match is the score either way (the frontier's axis)
+            exact = sum(matches) / len(matches)
+            result = {"exact_match": exact, "score": exact}
+            if self.config.reward == "token_f1":
+                result["token_f1"] = mean
         if self.config.eval_kl and self.reference.ready:
             from tunelab.align.kl import heldout_kl
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tunelab.eval.generate import _cache_kwarg, _left_pad, encode_prompt
-from tunelab.eval.metrics import exact_match
+from tunelab.eval.metrics import exact_match, token_f1
 from tunelab.eval.tasks import first_line
 
 
@@ -105,4 +105,13 @@ def token_logps(model: nn.Module, rollout: Rollout, hidden: bool = False
 def exact_match_rewards(texts: Sequence[str], answers: Sequence[str | None]) -> torch.Tensor:
     """(N,) 1.0 where the completion's first line equals the known answer (SQuAD-normalised), else 0."""
     return torch.tensor([exact_match([first_line(t)], [a]) if a is not None else 0.0
+                         for t, a in zip(texts, answers, strict=True)])
+
+
+def token_f1_rewards(texts: Sequence[str], answers: Sequence[str | None]) -> torch.Tensor:
+    """(N,) SQuAD token F1 of the completion's first line against the known answer, in [0, 1]: a dense
+    version of :func:`exact_match_rewards` (partial credit for a partly right answer), so that a group of
+    completions that all miss the exact answer still gets different rewards (GRPO's advantages are 0
+    when every completion of a prompt scores the same)."""
+    return torch.tensor([token_f1([first_line(t)], [a]) if a is not None else 0.0
                          for t, a in zip(texts, answers, strict=True)])
