@@ -33,3 +33,10 @@ def test_curves_average_seeds_per_step_and_label_each_stage():
 def test_no_margin_logged_means_no_section():
     assert curves.markdown_section([{"method_label": "x", "history": [{"step": 1, "loss": 1.0}]}]) == ""
     assert curves.plots([]) == {}
+
+
+def test_kto_curves_leave_out_its_z0_logged_as_kl():
+    """KTO logs its KL estimate z0 under "kl"; it is not log π − log π_ref, so it gets no curve."""
+    result = {**_result(0, [0.1, 0.2], stage="pref"), "stages": [{"name": "pref", "objective": "kto"}]}
+    keys = curves.series([result])["lora (objective=dpo) / pref"]
+    assert "rewards/margins" in keys and "kl" not in keys

@@ -5,7 +5,8 @@ over the steps since the last log:
 
     rewards/margins      mean of r_w − r_l, with r = β (log π(y|x) − log π_ref(y|x))   (the implicit reward)
     rewards/accuracies   share of pairs with r_w > r_l                                  (dpo)
-    kl                   mean of log π − log π_ref over the batch's completions (nats)
+    kl                   mean of log π − log π_ref over the batch's completions (nats; dpo only:
+                         kto logs its z₀ estimate under that name, which is left out)
 
 These are *training-batch* figures (the held-out ones are in the results table). A margin that grows
 while ``kl`` falls far below 0 is DPO pushing both completions down (the chosen one less), the
@@ -20,7 +21,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from tunelab.experiments.plots import figure_png, legend_beside, point_colors
+from tunelab.experiments.plots import figure_png, point_colors
 
 PLOT = "preference_curves"
 KEYS = (("rewards/margins", "reward margin r_w − r_l"), ("rewards/accuracies", "reward accuracy (training batch)"),
@@ -32,11 +33,15 @@ def series(results: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]
     a reward margin; the label is the cell's method label, plus `` / stage`` for a stage of a multi-stage cell."""
     values: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for result in results:
+        objectives = {stage.get("name"): stage.get("objective") for stage in result.get("stages") or []}
         for event in result.get("history") or []:
             if "rewards/margins" not in event:
                 continue
             label = result["method_label"] + (f" / {event['stage']}" if event.get("stage") else "")
+            objective = objectives.get(event.get("stage")) or result.get("objective")
             for key, _ in KEYS:
+                if key == "kl" and objective == "kto":  # KTO's "kl" is its z0 estimate, not log π − log π_ref
+                    continue
                 if isinstance(event.get(key), (int, float)):
                     values[label][key][int(event["step"])].append(float(event[key]))
     return {label: {key: sorted((step, statistics.fmean(v)) for step, v in steps.items()) for key, steps in keys.items()}
@@ -69,11 +74,14 @@ def plot(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes:
     def draw(figure):
         axes = figure.subplots(1, len(KEYS))
         colors = point_colors(len(curves))
+        handles = []
         for axis, (key, name) in zip(axes, KEYS, strict=True):
             for (label, keys), color in zip(curves.items(), colors, strict=True):
                 points = keys.get(key) or []
                 if points:
-                    axis.plot(*zip(*points, strict=True), color=color, linewidth=1.2, label=label)
+                    line, = axis.plot(*zip(*points, strict=True), color=color, linewidth=1.2, label=label)
+                    if axis is axes[0]:
+                        handles.append(line)
             if key == "rewards/accuracies":
                 axis.set_ylim(-0.02, 1.02)
                 axis.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
@@ -82,9 +90,10 @@ def plot(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes:
             axis.set_title(name, fontsize=9)
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
-        legend_beside(axes[-1])
-        figure.tight_layout()
-    return figure_png(draw, width=13.0, height=3.6, figure_level=True)
+        # long cell labels: one legend under the three panels, a line per curve
+        figure.legend(handles=handles, loc="lower center", fontsize=7, frameon=False)
+        figure.tight_layout(rect=(0, 0.07 * len(handles) / (1 + 0.07 * len(handles)), 1, 1))
+    return figure_png(draw, width=12.0, height=3.6 * (1 + 0.07 * len(curves)), figure_level=True)
 
 
 def plots(results: list[dict]) -> dict[str, bytes]:
