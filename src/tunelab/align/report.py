@@ -196,8 +196,13 @@ def plot(rows: list[dict]) -> bytes:
             group_points = [p for group in stages.values() for p in group]
             low = min([0.0] + [p["kl"] - p["kl_ci95"] for p in group_points])
             high = max(p["kl"] + p["kl_ci95"] for p in group_points)
-            axis.set_xlim(low, high * 1.15 if high > 0 else 1.0)
-            axis.set_xlabel("KL(π ‖ π_ref) on held-out prompts, policy samples (nats / sequence)")
+            positive = [p["kl"] for p in group_points if p["kl"] > 0]
+            wide = bool(positive) and max(positive) / min(positive) > 20  # e.g. DPO β 1 at ~1 nat, β 0.03 at ~50
+            if wide:  # logarithmic past a linear stretch near 0 (KL estimates can be 0 or slightly negative)
+                axis.set_xscale("symlog", linthresh=min(positive) / 2)
+            axis.set_xlim(low, high * (2.0 if wide else 1.15) if high > 0 else 1.0)
+            axis.set_xlabel("KL(π ‖ π_ref) on held-out prompts, policy samples (nats / sequence)"
+                            + (", symlog scale" if wide else ""))
             if kind == "exact match":
                 score_axis(axis, [p["reward"] + p["reward_ci95"] for p in group_points],
                            label="held-out greedy exact match")
