@@ -170,14 +170,14 @@ def markdown_section(results: list[dict], rows: list[dict]) -> str:
              "confidence intervals over seeds overlap, so the data cannot rank those methods.", ""]
     named: set[str] = set()
     ranked = ranked_groups(rows)
+    scope_of = {id(row): scope for _, scope, group in comparable_groups(rows) for row in group}
     for size in sorted({r["train_size"] for r in rows}):
         for n, scope, split, group in ranked:
             if n == size:
                 scored_on = f", scored on {scope}" if split and scope else ""
                 lines += _size_section(f"### {size} training examples{scored_on}", group, named)
         ranked_ids = {id(row) for n, _, _, group in ranked if n == size for row in group}
-        scopes = {id(row): scope for n, scope, group in comparable_groups(rows) if n == size for row in group}
-        alone = [f"{row['method']} ({scopes.get(id(row)) or 'score'})"
+        alone = [f"{row['method']} ({scope_of.get(id(row)) or 'score'})"
                  for row in rows if row["train_size"] == size and id(row) not in ranked_ids]
         if alone:
             lines += [f"### {size} training examples: not ranked", "",

@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from tunelab.errors import ConfigError
+from tunelab.experiments import rundir
 from tunelab.experiments.plots import ci95
 from tunelab.utils import atomic_write_text
 
@@ -55,30 +56,25 @@ def price_per_hour(run_dir: str | Path, override: float | None = None) -> float 
     """``override`` when given, else ``report.price_per_hour`` of the run's ``config.yaml`` (None: no cost)."""
     if override is not None:
         return check_price(override, "--price-per-hour")
-    path = Path(run_dir) / "config.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):  # no (readable) config.yaml: the results alone, no price
-        return None
-    section = raw.get("report") if isinstance(raw, dict) else None
+    raw = rundir.read_config(run_dir)  # None: no (readable) config.yaml, the results alone, no price
+    section = raw.get("report") if raw is not None else None
     value = section.get("price_per_hour") if isinstance(section, dict) else None
-    return check_price(value, f"{path}: report.price_per_hour")
+    return check_price(value, f"{Path(run_dir) / 'config.yaml'}: report.price_per_hour")
 
 
 def sync_config(run_dir: Path, report_section: dict) -> None:
     """Write the spec's ``report`` section into ``config.yaml`` when only it changed (no cell reruns for it),
     so that a later ``tunelab report`` prices the run as the last ``tunelab run`` did."""
-    path = Path(run_dir) / "config.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
+    raw = rundir.read_config(run_dir)
+    if raw is None:
         return
+
     def set_values(section) -> dict:  # a missing section or key is the default: None
         return {k: v for k, v in section.items() if v is not None} if isinstance(section, dict) else {}
 
-    if isinstance(raw, dict) and set_values(raw.get("report")) != set_values(report_section):
+    if set_values(raw.get("report")) != set_values(report_section):
         raw["report"] = report_section
-        atomic_write_text(path, yaml.safe_dump(raw, sort_keys=False))
+        atomic_write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
 
 
 def processes(record: dict) -> int:

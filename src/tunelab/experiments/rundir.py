@@ -125,15 +125,22 @@ def drop_stale_failures(run_dir: Path, keys: dict[str, str]) -> None:
             clear_failure(run_dir, path.stem)
 
 
-def experiment_name(run_dir: Path, results: list[dict]) -> str:
-    """The run's experiment name: ``name`` in its ``config.yaml`` (results reused from another run by cell key
-    carry that run's name), else the first result's, else the folder's name."""
+def read_config(run_dir: Path) -> dict | None:
+    """The run's ``config.yaml`` as a mapping; None when it is missing, unreadable or not a mapping (a run
+    directory may hold results alone)."""
     import yaml
 
     try:
         raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError):
-        raw = None
-    if isinstance(raw, dict) and isinstance(raw.get("name"), str):
-        return raw["name"]
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def experiment_name(run_dir: Path, results: list[dict]) -> str:
+    """The run's experiment name: ``name`` in its ``config.yaml`` (results reused from another run by cell key
+    carry that run's name), else the first result's, else the folder's name."""
+    name = (read_config(run_dir) or {}).get("name")
+    if isinstance(name, str):
+        return name
     return (results[0].get("experiment") if results else None) or Path(run_dir).name

@@ -500,11 +500,8 @@ def _save_outputs(run_dir: Path, run_id: str, model, predictions: list[dict], ob
 def _trainable(model, objective) -> int:
     """Parameters the stage trains: the model's trainable ones and those of the objective's own modules
     (a reward or task head), each counted once."""
-    seen: set[int] = set()
-    for module in (model, *objective.modules()):
-        seen |= {id(p) for p in module.parameters() if p.requires_grad}
-    params = {id(p): p for module in (model, *objective.modules()) for p in module.parameters()}
-    return sum(params[i].numel() for i in seen)
+    trained = {id(p): p for module in (model, *objective.modules()) for p in module.parameters() if p.requires_grad}
+    return sum(p.numel() for p in trained.values())
 
 
 def _stage_objective(prepared_stage, tokenizer):

@@ -51,6 +51,11 @@ def _slide(title: str, body: str, kind: str = "") -> str:
     return f'<section class="slide {kind}"><h2>{html.escape(title)}</h2><div class="body">{body}</div></section>'
 
 
+def _paged(title: str, items: list[str], per_slide: int, kind: str = "") -> list[str]:
+    """``items`` as bullet slides of at most ``per_slide`` each, all titled ``title`` (more overflow the page)."""
+    return [_slide(title, _bullets(items[start:start + per_slide]), kind) for start in range(0, len(items), per_slide)]
+
+
 def _bullets(items: list[str]) -> str:
     return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
 
@@ -181,11 +186,9 @@ def build_deck(run_dir: str | Path, price_per_hour: float | None = None) -> str:
             f"Does the answer change with the amount of data ({', '.join(map(str, sizes))} training examples)?",
             "Which differences are real (outside seed-to-seed noise), and which are ties?"])),
     ]
-    for start in range(0, len(methods), METHODS_PER_SLIDE):
-        chunk = methods[start:start + METHODS_PER_SLIDE]
-        slides.append(_slide("Methods and their math", _bullets(
-            [f"<b>{html.escape(label)}</b> — {html.escape(analysis._method_notes(label, method_of) or name_)}"
-             for label, name_ in chunk]), "dense"))
+    slides += _paged("Methods and their math",
+                     [f"<b>{html.escape(label)}</b> — {html.escape(analysis._method_notes(label, method_of) or name_)}"
+                      for label, name_ in methods], METHODS_PER_SLIDE, "dense")
     slides += [
         _slide("Set-up", _bullets(_setup(results))),
         _slide("Results", _results_table(rows), "dense"),
@@ -196,14 +199,10 @@ def build_deck(run_dir: str | Path, price_per_hour: float | None = None) -> str:
                                                "pareto time")),
         *([_slide("Quality vs training cost", _cost_plot(rows))] if pricing.priced(rows) else []),
     ]
-    trade_offs = _tradeoffs(rows)  # a grid over domains or sizes has a frontier per test set and cost
-    for start in range(0, len(trade_offs), ITEMS_PER_SLIDE):
-        slides.append(_slide("Trade-offs: best per budget (Pareto frontiers)",
-                             _bullets(trade_offs[start:start + ITEMS_PER_SLIDE]), "dense"))
-    recommendation = _recommendation(rows)
+    # a grid over domains or sizes has a frontier per test set and cost, and a recommendation per test set
+    slides += _paged("Trade-offs: best per budget (Pareto frontiers)", _tradeoffs(rows), ITEMS_PER_SLIDE, "dense")
     slides.append(_slide("What is a tie", _bullets(_ties(rows))))
-    for start in range(0, len(recommendation), ITEMS_PER_SLIDE):
-        slides.append(_slide("Recommendation", _bullets(recommendation[start:start + ITEMS_PER_SLIDE])))
+    slides += _paged("Recommendation", _recommendation(rows), ITEMS_PER_SLIDE)
     tuning = _tuning(run_dir)
     if tuning is not None:
         slides.append(_slide("Hyper-parameter search (tunelab tune)", tuning))
