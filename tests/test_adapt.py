@@ -75,6 +75,24 @@ def test_demonstrations_are_same_task_seeded_and_prefix_the_prompt():
     assert with_demonstrations(tests, pool, k=0, seed=0) == tests
 
 
+def test_demonstrations_become_earlier_chat_turns_under_a_chat_template():
+    from tunelab.data.templates import render_prompt
+    from tunelab.eval.tasks import reference_text
+
+    pool, tests = _records(), _records(split="test", n=2)
+    shots = with_demonstrations(tests, pool, k=2, seed=0, template="chatml")
+    plain = with_demonstrations(tests, pool, k=2, seed=0)
+    for original, chat, flat in zip(tests, shots, plain, strict=True):
+        roles = [m["role"] for m in chat["messages"]]
+        assert roles == ["user", "assistant", "user", "assistant", "user", "assistant"]
+        assert chat["messages"][-2]["content"] == original["prompt"] and reference_text(chat) == original["response"]
+        # the same two demonstrations as the plain layout, each as its own turn pair
+        assert all(m["content"].strip() in flat["prompt"] for m in chat["messages"][:4])
+        prompt = render_prompt(chat, "chatml")
+        assert prompt.count("<|im_start|>user") == 3 and prompt.endswith("<|im_start|>assistant\n")
+        assert "<|im_start|>" not in chat["messages"][-2]["content"]  # the template is not nested
+
+
 def test_icl_training_is_a_no_op(small_model_dir):
     from tunelab.models import zoo
 

@@ -51,7 +51,13 @@ class _NoOp(nn.Module):
 
 def with_demonstrations(records: Sequence[dict], pool: Sequence[dict], k: int, seed: int, template: str = "plain",
                         separator: str = "\n\n", tokenizer: Any = None) -> list[dict]:
-    """Copies of ``records`` whose ``prompt`` starts with k demonstrations of the same task from ``pool``."""
+    """Copies of ``records`` preceded by k demonstrations of the same task from ``pool``.
+
+    Plain text (``template`` ``plain``/``none``, or ``auto`` without a chat template): the demos are
+    prepended to ``prompt``. Chat templates: the record gets ``messages`` = [system?] + the demos as
+    user/assistant turns + its own conversation, so its prompt and reference answer are unchanged.
+    """
+    from tunelab.data.templates import conversation, resolve_template
     from tunelab.eval.tasks import reference_text, render
 
     if k == 0 or not pool:
@@ -65,6 +71,12 @@ def with_demonstrations(records: Sequence[dict], pool: Sequence[dict], k: int, s
         candidates = [d for d in candidates if d.get("id") is None or d.get("id") != record.get("id")]
         rng = random.Random(f"{seed}|{record.get('id', record.get('prompt'))}")
         demos = rng.sample(candidates, min(k, len(candidates)))
+        if resolve_template(template, tokenizer) not in ("plain", "none"):
+            own = conversation(record)
+            system = [m for m in own if m["role"] == "system"]
+            turns = [m for d in demos for m in conversation(d) if m["role"] != "system"]
+            out.append({**record, "messages": system + turns + [m for m in own if m["role"] != "system"]})
+            continue
         block = separator.join(render(d, template, tokenizer=tokenizer) + reference_text(d) for d in demos)
         out.append({**record, "prompt": block + separator + str(record["prompt"])})
     return out
