@@ -11,6 +11,8 @@ strided half of the same 4-record batch; the adapter is gathered from the shards
 
 from __future__ import annotations
 
+import gc
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from tunelab.train import engine  # noqa: E402
 
 def main() -> None:
     torch.set_num_threads(1)
-    sharded = "WORLD_SIZE" in __import__("os").environ
+    sharded = "WORLD_SIZE" in os.environ
     rank, world = 0, 1
     model = build_model()
     if sharded:
@@ -49,7 +51,17 @@ def main() -> None:
     if rank == 0:
         save_file({k: v.contiguous() for k, v in state.items()}, sys.argv[1])
     if sharded:
+        # A rank sometimes aborted at exit ("terminate called without an active exception", ~1 run in 8 on
+        # a loaded machine): gloo's worker threads can still hold async work whose tensors are freed during
+        # interpreter finalization, when the GIL can no longer be taken. So: free the sharded model and
+        # its pending work while Python is alive, tear the group down, and skip finalization with
+        # os._exit once the output is on disk (rank 0's file is closed by save_file above).
+        del model, optimizer, state
+        gc.collect()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
