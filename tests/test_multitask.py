@@ -24,7 +24,7 @@ from tunelab.multitask import (
     row_adapters,
     saved_options,
 )
-from tunelab.multitask.analysis import transfer_matrix
+from tunelab.multitask.analysis import task_metrics, transfer_matrix
 from tunelab.multitask.collate import MultitaskCollator, SpanQACollator
 from tunelab.train import train
 
@@ -234,6 +234,8 @@ def test_per_task_training_then_adding_a_task_leaves_old_tasks_bitwise_unchanged
     scores = second.evaluate(model, records, max_new_tokens=4, batch_size=16, progress=False)
     assert {"qa/score", "domain/score", "ner/score", "extractive_qa/score", "score"} <= set(scores)
     assert scores["extractive_qa/own_parameters"] >= new
+    assert 0.0 <= scores["extractive_qa/answered"] <= 1.0
+    assert "answered" not in task_metrics(scores)["extractive_qa"]  # a diagnostic, not a quality metric of Δp
 
 
 def test_hierarchical_stacks_shared_group_and_task_adapters(backbone, records):

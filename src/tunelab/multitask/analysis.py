@@ -66,9 +66,10 @@ def transfer_matrix(tasks: Sequence[str], single: Mapping[str, float],
     return matrix
 
 
-def task_metrics(metrics: Mapping[str, float], skip: Collection[str] = ("score", "own_parameters")
+def task_metrics(metrics: Mapping[str, float], skip: Collection[str] = ("score", "own_parameters", "answered")
                  ) -> dict[str, dict[str, float]]:
-    """``{"qa/exact_match": 0.5, ...}`` -> ``{"qa": {"exact_match": 0.5}}`` (task-level keys only)."""
+    """``{"qa/exact_match": 0.5, ...}`` -> ``{"qa": {"exact_match": 0.5}}`` (task-level quality metrics only:
+    ``skip`` drops the summary score and the diagnostics, parameters and the QA ``answered`` share)."""
     out: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         task, sep, metric = key.partition("/")

@@ -4,7 +4,8 @@ Generation tasks decode greedily (:func:`tunelab.eval.tasks.evaluate_records`, t
 metric); classification is accuracy of the head's argmax; token classification is strict IOB2 entity
 F1 on first sub-tokens; extractive QA decodes the best span (:func:`tunelab.models.heads.best_spans`
 over context tokens and the "no answer" position 0) and scores its text by exact match and token F1
-against the gold answers (``""`` for unanswerable questions). Every task reports ``<task>/score``.
+against the gold answers (``""`` for unanswerable questions); ``answered`` is the share of questions
+given a span, which shows a model that answers "no answer" to everything. Every task reports ``<task>/score``.
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def _evaluate_spans(model, heads, task, records, collate: SpanQACollator, batch_
             gold = list((record.get("answers") or {}).get("text") or [])
             references.append(gold or [""])
     exact, f1 = metrics.exact_match(predictions, references), metrics.token_f1(predictions, references)
-    return {"exact_match": exact, "token_f1": f1, "score": f1}
+    # share of questions given a span (not "no answer"): 0 with exact match = token F1 = the share of
+    # unanswerable questions is a model that answers nothing (a diagnostic, left out of Δp)
+    answered = sum(bool(p) for p in predictions) / max(len(predictions), 1)
+    return {"exact_match": exact, "token_f1": f1, "answered": answered, "score": f1}
 
 
 def evaluate_generation(model: nn.Module, tokenizer: Any, task: TaskSpec, records: Sequence[dict],
