@@ -81,8 +81,8 @@ def _evaluate_spans(model, heads, task, records, collate: SpanQACollator, batch_
             gold = list((record.get("answers") or {}).get("text") or [])
             references.append(gold or [""])
     exact, f1 = metrics.exact_match(predictions, references), metrics.token_f1(predictions, references)
-    # share of questions given a span (not "no answer"): 0 with exact match = token F1 = the share of
-    # unanswerable questions is a model that answers nothing (a diagnostic, left out of Δp)
+    # share of questions given a span rather than "no answer" (a diagnostic, left out of Δp): at 0, exact
+    # match and token F1 both equal the share of unanswerable questions and the model has learnt nothing
     answered = sum(bool(p) for p in predictions) / max(len(predictions), 1)
     return {"exact_match": exact, "token_f1": f1, "answered": answered, "score": f1}
 
