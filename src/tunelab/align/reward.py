@@ -36,12 +36,14 @@ from tunelab import tuners
 from tunelab.align.data import PairCollator
 from tunelab.align.logps import concatenate_pairs
 from tunelab.align.losses import reward_loss
+from tunelab.data.collate import IGNORE_INDEX
 from tunelab.errors import ModelError
 from tunelab.models.heads import TaskHeads, load_heads, save_heads
 from tunelab.train.objective import BaseObjective, LossOutput, ObjectiveConfig
 from tunelab.utils import atomic_write_json
 
 HEAD = "reward"
+COMPLETION = "completion"  # pooling option: the mean over the completion's tokens
 REWARD_MODEL_CONFIG = "reward_model.json"
 REWARD_FOLDER = "reward"  # save_outputs: the reward model, beside the cell's adapters
 DETACHED_FOLDER = "detached"  # ... and the stage's own adapter when on_stage_end took it off the model
@@ -52,8 +54,9 @@ class RewardOptions(ObjectiveConfig):
 
     center_rewards_coefficient: float | None = Field(None, ge=0, description="η of the reward-centring term; "
                                                      "None = off (TRL's default). 0.01 is the paper's setting.")
-    pooling: Literal["auto", "last", "first", "mean"] = Field("auto", description="Which hidden state the head "
-                                                             "reads: auto = last real token for decoders.")
+    pooling: Literal["auto", "last", "first", "mean", "completion"] = Field(
+        "auto", description="Which hidden states the head reads: auto = the last real token for decoders; "
+        "completion = the mean over the completion's tokens (prompt left out).")
     save_dir: str | None = Field(None, description="Write the trained reward model here (adapters + head) for "
                                  "ppo / grpo with reward: model.")
 
@@ -85,7 +88,8 @@ class RewardObjective(BaseObjective):
     def ensure_heads(self, model: nn.Module) -> TaskHeads:
         if self.heads is None:
             self.heads = TaskHeads.for_model(model)
-            self.heads.add_head(HEAD, "scalar", pooling=self.config.pooling)
+            completion = self.config.pooling == COMPLETION
+            self.heads.add_head(HEAD, "scalar", pooling="mean" if completion else self.config.pooling)
         return self.heads
 
     def setup(self, model: nn.Module, accelerator: Any) -> None:
@@ -99,9 +103,12 @@ class RewardObjective(BaseObjective):
 
     def rewards(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_chosen, r_rejected), each (B,), from one forward of the 2B concatenated rows."""
-        input_ids, attention_mask, _ = concatenate_pairs(batch)
+        input_ids, attention_mask, labels = concatenate_pairs(batch)
         heads = self.ensure_heads(model)
-        values = heads(model, {"input_ids": input_ids, "attention_mask": attention_mask}, task=HEAD).logits  # (2B,)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.config.pooling == COMPLETION:  # the head averages the completion's tokens (+ EOS) only
+            inputs["pool_mask"] = (labels != IGNORE_INDEX) & attention_mask.bool()
+        values = heads(model, inputs, task=HEAD).logits  # (2B,)
         return values.float().chunk(2)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
@@ -136,14 +143,16 @@ class RewardObjective(BaseObjective):
         others = [a for a in tuners.adapters(model) if a not in self.trained]
         if self.trained and others:  # a reward adapter stacked on the policy: take it off
             self.snapshot = tempfile.TemporaryDirectory(prefix="tunelab-reward-model-")
-            save_reward_model(model, self.ensure_heads(model), self.snapshot.name, trained=self.trained)
+            save_reward_model(model, self.ensure_heads(model), self.snapshot.name, trained=self.trained,
+                              pooling=self.config.pooling)
             if self.config.save_dir:  # the same files: copied, not written a second time
                 shutil.copytree(self.snapshot.name, self.config.save_dir, dirs_exist_ok=True)
             self.detached = tempfile.TemporaryDirectory(prefix="tunelab-reward-")
             tuners.save(model, self.detached.name, adapter_names=self.trained)
             self._take_off(model)
         elif self.config.save_dir:
-            save_reward_model(model, self.ensure_heads(model), self.config.save_dir, trained=self.trained)
+            save_reward_model(model, self.ensure_heads(model), self.config.save_dir, trained=self.trained,
+                              pooling=self.config.pooling)
 
     def _take_off(self, model: nn.Module) -> None:
         """Delete the stage's own adapters; the policy's adapters that were active stay active."""
@@ -164,7 +173,7 @@ class RewardObjective(BaseObjective):
         if folder.exists():
             shutil.rmtree(folder)
         if self.snapshot is None:
-            save_reward_model(model, self.heads, folder, trained=self.trained)
+            save_reward_model(model, self.heads, folder, trained=self.trained, pooling=self.config.pooling)
         else:
             shutil.copytree(self.snapshot.name, folder)
             shutil.copytree(self.detached.name, folder / DETACHED_FOLDER)
@@ -210,9 +219,9 @@ class RewardObjective(BaseObjective):
 
 
 def save_reward_model(model: nn.Module, heads: TaskHeads, directory: str | Path,
-                      trained: Sequence[str] = ()) -> Path:
+                      trained: Sequence[str] = (), pooling: str = "auto") -> Path:
     """Adapters (active ones), the reward head and ``reward_model.json`` (base model, active adapters, the
-    adapters the reward stage trained)."""
+    adapters the reward stage trained, the reward objective's pooling)."""
     directory = Path(directory)
     active = tuners.active_adapters(model)
     if active:
@@ -220,15 +229,15 @@ def save_reward_model(model: nn.Module, heads: TaskHeads, directory: str | Path,
     save_heads(heads, directory)
     base = getattr(getattr(model, "config", None), "name_or_path", None)
     atomic_write_json(directory / REWARD_MODEL_CONFIG, {"base": base, "active": active, "head": HEAD,
-                                                        "trained": list(trained)})
+                                                        "trained": list(trained), "pooling": pooling})
     return directory
 
 
 class RewardModel:
     """A trained reward model for PPO / GRPO: ``score(sequences) -> (B,)`` rewards."""
 
-    def __init__(self, model: nn.Module, heads: TaskHeads) -> None:
-        self.model, self.heads = model.eval(), heads.eval()
+    def __init__(self, model: nn.Module, heads: TaskHeads, pooling: str = "auto") -> None:
+        self.model, self.heads, self.pooling = model.eval(), heads.eval(), pooling
 
     @classmethod
     def load(cls, directory: str | Path, base: str | None = None) -> RewardModel:
@@ -244,10 +253,21 @@ class RewardModel:
             tuners.load(model, directory)
             tuners.set_active(model, record["active"])
         model.requires_grad_(False)
-        return cls(model, load_heads(model, directory))
+        return cls(model, load_heads(model, directory), pooling=record.get("pooling", "auto"))
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              completion_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) rewards of prompt + completion rows; ``completion_mask`` (N, S) marks the completion's real
+        tokens, the last S columns (needed by a model trained with ``pooling: completion``)."""
         device = next(self.model.parameters()).device
         batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        if self.pooling == COMPLETION:
+            if completion_mask is None:
+                raise ModelError("this reward model reads the completion's tokens (pooling: completion); "
+                                 "pass completion_mask to score()")
+            prompt = torch.zeros(input_ids.shape[0], input_ids.shape[1] - completion_mask.shape[1],
+                                 dtype=torch.bool, device=device)
+            batch["pool_mask"] = torch.cat([prompt, completion_mask.to(device).bool()], dim=1) & batch[
+                "attention_mask"].bool()
         return self.heads(self.model, batch, task=HEAD).logits.float()

@@ -334,7 +334,9 @@ class TaskHeads(nn.Module):
             batch: ``input_ids``, ``attention_mask`` (and ``token_type_ids``, ...); optionally labels:
                 ``labels`` as one tensor (B, ...) indexed by row, a list of per-row tensors, or
                 ``{task: labels of its rows}`` for mixed batches whose tasks have differently shaped
-                labels. Span QA also takes HF's ``start_positions`` / ``end_positions``.
+                labels. Span QA also takes HF's ``start_positions`` / ``end_positions``. An optional
+                ``pool_mask`` (B, T) replaces ``attention_mask`` as the tokens the heads read (e.g. only a
+                completion's tokens for a pooled reward head); the backbone never sees it.
             task: a head name, a head name per row, or None for the active head.
         """
         names = self._task_names(task, batch)
@@ -343,7 +345,7 @@ class TaskHeads(nn.Module):
         hidden = outputs.hidden_states[-1] if outputs.hidden_states is not None else outputs.last_hidden_state
         length = next(inputs[key].shape[1] for key in ("input_ids", "inputs_embeds", "attention_mask") if key in inputs)
         hidden = hidden[:, -length:]  # (B, T, H): prompt tuning prepends virtual tokens
-        mask = batch.get("attention_mask")
+        mask = batch.get("pool_mask", batch.get("attention_mask"))  # the tokens a pooled head reads
         mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device) if mask is None else mask
         lm_logits = getattr(outputs, "logits", None)
         if lm_logits is not None and lm_logits.dim() == 3:
