@@ -347,6 +347,40 @@ def test_saved_reward_model_scores_like_the_trained_one(tmp_path, small_model_di
     assert grpo.scorer is not None
 
 
+def test_completion_pooling_reads_only_the_completion_and_survives_save_and_load(tmp_path, small_model_dir, pairs):
+    """pooling: completion is r(x, y) = w · mean_{t in y} h_t + b over the completion's tokens (+ EOS) only:
+    checked against the last hidden states by hand; the prompt's tokens do not enter the mean; the saved
+    reward model needs the completion mask and then scores as trained."""
+    from tunelab.align import RewardModel
+    from tunelab.errors import ModelError
+    from tunelab.models import zoo
+
+    model, tokenizer = zoo.load(str(small_model_dir), task="causal_lm", progress=False)
+    tuners.apply(model, "lora", r=4, target_modules=["q_proj", "v_proj"])
+    obj = objective("reward", tokenizer, pooling="completion", save_dir=str(tmp_path / "rm"))
+    train(model, pairs, obj, STEPS, progress=False)
+    obj.on_stage_end(model, pairs)
+    model.eval()
+    batch = obj.collate_fn(pairs[:3])
+    with torch.no_grad():
+        chosen, rejected = obj.rewards(model, batch)
+        hidden = model(input_ids=batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"],
+                       output_hidden_states=True).hidden_states[-1]  # (B, T, H)
+    completion = (batch["chosen_labels"] != -100) & batch["chosen_attention_mask"].bool()  # (B, T)
+    assert completion.any(1).all() and (~completion & batch["chosen_attention_mask"].bool()).any(1).all()
+    mean = (hidden * completion.unsqueeze(-1)).sum(1) / completion.sum(1, keepdim=True)  # (B, H)
+    head = obj.heads.heads["reward"].project
+    assert torch.allclose(chosen, head(mean).squeeze(-1), atol=1e-5)
+    whole = (hidden * batch["chosen_attention_mask"].unsqueeze(-1)).sum(1) / batch["chosen_attention_mask"].sum(
+        1, keepdim=True)  # the mean over prompt + completion: a different number
+    assert not torch.allclose(chosen, head(whole).squeeze(-1), atol=1e-3)
+    loaded = RewardModel.load(tmp_path / "rm")
+    with pytest.raises(ModelError, match="completion_mask"):
+        loaded.score(batch["chosen_input_ids"], batch["chosen_attention_mask"])
+    scores = loaded.score(batch["chosen_input_ids"], batch["chosen_attention_mask"], completion)
+    assert torch.allclose(scores, chosen, atol=1e-5)
+
+
 def test_kto_on_a_user_jsonl_file_end_to_end(tmp_path, small_model_dir):
     """A KTO file (prompt / completion / label) keeps its labels through the loader and trains with kto."""
     from tunelab.experiments.runner import run_experiment
