@@ -375,6 +375,7 @@ def test_completion_pooling_reads_only_the_completion_and_survives_save_and_load
         1, keepdim=True)  # the mean over prompt + completion: a different number
     assert not torch.allclose(chosen, head(whole).squeeze(-1), atol=1e-3)
     loaded = RewardModel.load(tmp_path / "rm")
+    assert loaded.needs_completion_mask  # what GRPO / PPO check before passing the rollout's mask
     with pytest.raises(ModelError, match="completion_mask"):
         loaded.score(batch["chosen_input_ids"], batch["chosen_attention_mask"])
     scores = loaded.score(batch["chosen_input_ids"], batch["chosen_attention_mask"], completion)

@@ -111,7 +111,9 @@ class _OnlineObjective(BaseObjective):
     # --- rollouts
     def score(self, rollout: Rollout, answers: Sequence[str | None]) -> torch.Tensor:
         if self.scorer is not None:
-            return self.scorer.score(rollout.sequences, rollout.attention_mask, rollout.completion_mask).cpu()
+            if getattr(self.scorer, "needs_completion_mask", False):  # a reward model with pooling: completion
+                return self.scorer.score(rollout.sequences, rollout.attention_mask, rollout.completion_mask).cpu()
+            return self.scorer.score(rollout.sequences, rollout.attention_mask).cpu()
         if self.config.reward == "token_f1":
             return token_f1_rewards(rollout.texts, answers)
         return exact_match_rewards(rollout.texts, answers)

@@ -255,6 +255,11 @@ class RewardModel:
         model.requires_grad_(False)
         return cls(model, load_heads(model, directory), pooling=record.get("pooling", "auto"))
 
+    @property
+    def needs_completion_mask(self) -> bool:
+        """True for a model trained with ``pooling: completion``: ``score`` then needs ``completion_mask``."""
+        return self.pooling == COMPLETION
+
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               completion_mask: torch.Tensor | None = None) -> torch.Tensor:
