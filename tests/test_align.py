@@ -294,6 +294,31 @@ def test_token_f1_reward_gives_partial_credit_and_evaluation_still_reports_exact
     assert 0.0 <= scores["exact_match"] <= scores["token_f1"] <= 1.0
 
 
+def test_rollout_log_probs_are_those_of_the_sampling_temperature(tokenizer, pairs):
+    """token_logps scores a rollout sampled at T with log softmax(logits / T), as TRL's GRPO / PPO do."""
+    from tunelab.align.rollout import sample, token_logps
+
+    model = lora_model(tokenizer, trained=True).eval()
+    prompts = [p["prompt"] for p in pairs[:2]]
+    torch.manual_seed(0)
+    rollout = sample(model, tokenizer, prompts, num_generations=2, max_new_tokens=5, temperature=0.7)
+    assert rollout.temperature == 0.7
+    with torch.no_grad():
+        logps, _ = token_logps(model, rollout)
+        logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                       position_ids=rollout.position_ids).logits.float()
+    p, s = rollout.prompt_length, rollout.completion_mask.shape[1]
+    expected = torch.log_softmax(logits[:, p - 1 : p + s - 1] / 0.7, -1).gather(
+        -1, rollout.sequences[:, p:, None]).squeeze(-1) * rollout.completion_mask
+    assert torch.allclose(logps, expected, atol=1e-5)
+    at_one = torch.log_softmax(logits[:, p - 1 : p + s - 1], -1).gather(-1, rollout.sequences[:, p:, None]).squeeze(-1)
+    assert not torch.allclose(logps, at_one * rollout.completion_mask, atol=1e-3)  # the temperature matters
+    greedy = sample(model, tokenizer, prompts, max_new_tokens=5, temperature=0.0)
+    with torch.no_grad():
+        greedy_logps, _ = token_logps(model, greedy)
+    assert bool((greedy_logps <= 0).all())  # greedy: scored at T = 1, no division by zero
+
+
 def test_kto_accepts_unpaired_records(tokenizer):
     records = [{"id": str(i), "prompt": f"q{i}", "completion": "fine answer", "label": i % 2 == 0} for i in range(8)]
     model = lora_model(tokenizer)

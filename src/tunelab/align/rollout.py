@@ -9,7 +9,10 @@ the generated tokens (``tunelab.eval.generate`` explains the left padding and ``
 
 ``token_logps`` gives log π(y_t | x, y_<t) for every completion token (N, S) — logits at positions
 P − 1 … P + S − 2 score tokens P … P + S − 1 — and optionally the last hidden states at the same
-positions (PPO's value head reads them). Sampling uses the KV cache, temperature scaling and the
+positions (PPO's value head reads them). The log-probs are those of the distribution the tokens were
+sampled from, softmax(logits / T) at the rollout's temperature T (as TRL's GRPO and PPO trainers
+compute them), so the importance ratio π/π_old and the KL to the reference compare like with like;
+a greedy rollout (T = 0) is scored at T = 1. Sampling uses the KV cache, temperature scaling and the
 global torch generator (seeded by the loop), so runs are reproducible.
 
 Rewards: :func:`exact_match_rewards` is the programmatic ground-truth reward of the built-in world
@@ -37,6 +40,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (N, S)
     texts: list[str]  # decoded completions (up to EOS)
     prompt_length: int  # P
+    temperature: float = 1.0  # the sampling temperature: token_logps scores at it (0, greedy: scored at 1)
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -86,16 +90,19 @@ def sample(model: nn.Module, tokenizer, prompts: Sequence[str], *, num_generatio
     texts = [tokenizer.decode(row[mask.bool()].tolist(), skip_special_tokens=True).strip()
              for row, mask in zip(completion, completion_mask, strict=True)]
     return Rollout(torch.cat([input_ids, completion], dim=1), torch.cat([prompt_mask, completion_mask], dim=1),
-                   completion_mask, texts, prompt_length)
+                   completion_mask, texts, prompt_length, temperature)
 
 
 def token_logps(model: nn.Module, rollout: Rollout, hidden: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(N, S) log-probs of the completion tokens under ``model`` (and (N, S, H) last hidden states)."""
+    """(N, S) log-probs of the completion tokens under ``model`` at the rollout's temperature,
+    log softmax(logits / T) (and (N, S, H) last hidden states)."""
     out = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
                 position_ids=rollout.position_ids, output_hidden_states=hidden)
     start, length = rollout.prompt_length - 1, rollout.completion_mask.shape[1]
     logits = out.logits[:, -rollout.sequences.shape[1]:][:, start : start + length].float()  # (N, S, V)
+    if rollout.temperature > 0 and rollout.temperature != 1.0:
+        logits = logits / rollout.temperature
     targets = rollout.sequences[:, rollout.prompt_length :]  # (N, S)
     logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     states = out.hidden_states[-1][:, -rollout.sequences.shape[1]:][:, start : start + length] if hidden else None
