@@ -319,6 +319,26 @@ def test_rollout_log_probs_are_those_of_the_sampling_temperature(tokenizer, pair
     assert bool((greedy_logps <= 0).all())  # greedy: scored at T = 1, no division by zero
 
 
+def test_sample_diagnostics_say_which_wrong_answers_sampling_can_reach(tokenizer, pairs):
+    from tunelab.align.online import sample_diagnostics
+
+    greedy = [1.0, 0.0, 0.0, 0.0]
+    sampled = [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    got = sample_diagnostics(greedy, sampled)
+    assert got["sampled_exact_match"] == pytest.approx(3 / 16)
+    assert got["pass_at_k"] == pytest.approx(2 / 4)
+    assert got["reachable"] == pytest.approx(1 / 3)  # of the 3 greedily-wrong prompts, one has a correct sample
+    assert sample_diagnostics([1.0], [[0, 0]])["reachable"] == 1.0  # nothing wrong: nothing to reach
+    model = lora_model(tokenizer)
+    obj = setup(objective("grpo", tokenizer, max_new_tokens=4, eval_samples=3, check_reference=False), model)
+    records = [{**p, "answer": p["chosen"]} for p in pairs[:3]]
+    scores = obj.evaluate(model, records)
+    assert {"sampled_exact_match", "pass_at_k", "reachable"} <= set(scores)
+    assert 0.0 <= scores["sampled_exact_match"] <= scores["pass_at_k"] <= 1.0
+    plain = setup(objective("grpo", tokenizer, max_new_tokens=4, check_reference=False), model).evaluate(model, records)
+    assert "pass_at_k" not in plain  # off by default: k samples per prompt cost k decodes
+
+
 def test_kto_accepts_unpaired_records(tokenizer):
     records = [{"id": str(i), "prompt": f"q{i}", "completion": "fine answer", "label": i % 2 == 0} for i in range(8)]
     model = lora_model(tokenizer)

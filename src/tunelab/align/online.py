@@ -70,6 +70,10 @@ class OnlineOptions(ReferenceOptions):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature of rollouts (0 = greedy).")
     num_iterations: int = Field(1, ge=1, description="Optimizer steps per rollout (PPO epochs); >1 makes clipping bite.")
     clip_range: float = Field(0.2, gt=0, description="ε of the clipped surrogate.")
+    eval_samples: int = Field(0, ge=0, description="k > 0: the evaluation also samples k completions per held-out "
+        "prompt at the rollout temperature and reports sampled_exact_match (the expected reward of a sample), "
+        "pass_at_k and reachable (the share of greedily-wrong prompts with a correct sample: the answers a "
+        "ground-truth reward can ever reinforce). Programmatic rewards only.")
 
 
 class _OnlineObjective(BaseObjective):
@@ -148,7 +152,8 @@ class _OnlineObjective(BaseObjective):
         """Greedy completions of held-out prompts: mean reward (= exact match with ``exact_match``); with a
         reference, ``kl_ref`` — the held-out KL(π ‖ π_ref) that ``dpo`` / ``kto`` report too
         (:mod:`tunelab.align.kl`), over ``max_new_tokens`` (the eval section's; else the rollouts') tokens."""
-        rewards, matches, prompts = [], [], []
+        rewards, matches, prompts, sampled = [], [], [], []
+        k = self.config.eval_samples if self.scorer is None else 0
         for start in range(0, len(records), batch_size):
             chunk = list(records[start : start + batch_size])
             batch = self.collate_fn(chunk)
@@ -156,6 +161,10 @@ class _OnlineObjective(BaseObjective):
             rollout = self.rollout(model, batch, 1, 0.0)
             rewards += self.score(rollout, batch["answers"]).tolist()
             matches += exact_match_rewards(rollout.texts, batch["answers"]).tolist()
+            if k:
+                many = self.rollout(model, batch, k, self.config.temperature or 1.0)
+                answers = [a for a in batch["answers"] for _ in range(k)]
+                sampled += exact_match_rewards(many.texts, answers).view(-1, k).tolist()  # (prompts, k)
         mean = sum(rewards) / len(rewards)
         if self.scorer is not None:
             result = {"reward": mean, "score": mean}
@@ -164,6 +173,8 @@ class _OnlineObjective(BaseObjective):
             result = {"exact_match": exact, "score": exact}
             if self.config.reward == "token_f1":
                 result["token_f1"] = mean
+            if k:
+                result.update(sample_diagnostics(matches, sampled))
         if self.config.eval_kl and self.reference.ready:
             from tunelab.align.kl import heldout_kl
 
@@ -321,6 +332,23 @@ class PPOObjective(_OnlineObjective):
         super().load_state_dict(state)
         if "kl_controller" in state:
             self.kl_controller.load_state_dict(state["kl_controller"])
+
+
+def sample_diagnostics(greedy: Sequence[float], sampled: Sequence[Sequence[float]]) -> dict[str, float]:
+    """What sampling can reach, from greedy exact match per prompt and k sampled exact matches per prompt.
+
+    ``sampled_exact_match`` = mean over prompts and samples (the expected reward of one sample, the
+    quantity GRPO / PPO maximise); ``pass_at_k`` = share of prompts with at least one correct sample;
+    ``reachable`` = among prompts the greedy answer gets wrong, the share with a correct sample. A
+    ground-truth reward only reinforces answers that are sampled, so when ``reachable`` is near 0 RL can
+    sharpen what the policy already answers right but cannot raise greedy exact match.
+    """
+    hits = [sum(row) for row in sampled]
+    wrong = [h for g, h in zip(greedy, hits, strict=True) if g < 1]
+    samples = sum(len(row) for row in sampled)
+    return {"sampled_exact_match": sum(hits) / max(samples, 1),
+            "pass_at_k": sum(h > 0 for h in hits) / max(len(hits), 1),
+            "reachable": sum(h > 0 for h in wrong) / len(wrong) if wrong else 1.0}
 
 
 def answers_of(records: Sequence[dict]) -> list[str]:
