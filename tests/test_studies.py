@@ -155,3 +155,24 @@ def test_postgres_fixture_reports_json_roundtrip(postgres_url):
         cursor.execute("select version(), %s::jsonb", (json.dumps({"a": 1}),))
         version, value = cursor.fetchone()
     assert version.startswith("PostgreSQL") and value == {"a": 1}
+
+
+def test_the_enqueue_lock_serialises_workers(tmp_path):
+    """Two workers opening a new study at once both enqueued the default trial (Optuna's check-then-insert
+    is not atomic); run_trials now checks and enqueues under a flock that a second holder waits for."""
+    import threading
+
+    from tunelab.experiments.tune import _enqueue_lock
+
+    entered = threading.Event()
+
+    def second() -> None:
+        with _enqueue_lock(tmp_path / "run"):
+            entered.set()
+
+    with _enqueue_lock(tmp_path / "run"):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not entered.wait(0.3)  # blocked while the first holder is inside
+    thread.join(5)
+    assert entered.is_set()  # and let in once it left
