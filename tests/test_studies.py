@@ -162,15 +162,15 @@ def test_the_enqueue_lock_serialises_workers(tmp_path):
     is not atomic); run_trials now checks and enqueues under a flock that a second holder waits for."""
     import threading
 
-    from tunelab.experiments.tune import _enqueue_lock
+    from tunelab.experiments.rundir import file_lock
 
     entered = threading.Event()
 
     def second() -> None:
-        with _enqueue_lock(tmp_path / "run"):
+        with file_lock(tmp_path / "run" / ".tune.lock"):
             entered.set()
 
-    with _enqueue_lock(tmp_path / "run"):
+    with file_lock(tmp_path / "run" / ".tune.lock"):
         thread = threading.Thread(target=second)
         thread.start()
         assert not entered.wait(0.3)  # blocked while the first holder is inside

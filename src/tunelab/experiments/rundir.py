@@ -19,12 +19,43 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab.errors import ConfigError
 from tunelab.utils import atomic_write_json, atomic_write_text
 
 LOG_TAIL = 200_000  # characters of a failed cell's log kept in failed/<run>.log
+
+
+def flock(path: Path, open_flags: int, blocking: bool) -> int | None:
+    """An exclusive POSIX ``flock`` on ``path`` opened with ``open_flags``: the descriptor (closing it
+    releases the lock), or None where ``fcntl`` is unavailable (Windows: nothing is locked there).
+    Non-blocking, a held lock raises ``OSError``."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = os.open(path, open_flags, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        raise
+    return handle
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Wait for an exclusive ``flock`` on the file ``path`` (created if missing) and hold it for the block."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handle = flock(path, os.O_RDWR | os.O_CREAT, blocking=True)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            os.close(handle)
 
 
 class RunLock:
@@ -36,19 +67,12 @@ class RunLock:
     def acquire(self) -> RunLock:
         if self.handle is not None:
             return self
-        try:
-            import fcntl
-        except ImportError:  # Windows: no flock; runs are not protected there
-            return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        handle = os.open(self.run_dir, os.O_RDONLY)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.handle = flock(self.run_dir, os.O_RDONLY, blocking=False)
         except OSError:
-            os.close(handle)
             raise ConfigError(f"run directory {self.run_dir} is in use by another tunelab run; wait for it to "
                               "finish, or give this run another name") from None
-        self.handle = handle
         return self
 
     def release(self) -> None:

@@ -34,7 +34,6 @@ import random
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ import yaml
 from tunelab.errors import ConfigError
 from tunelab.experiments import grid
 from tunelab.experiments import spec as spec_module
-from tunelab.experiments.rundir import check_writable
+from tunelab.experiments.rundir import check_writable, file_lock
 from tunelab.experiments.search import ParamSpace, SearchSpec
 from tunelab.experiments.spec import Cell, ExperimentSpec, MethodSpec
 from tunelab.utils import atomic_write_json, atomic_write_text
@@ -265,23 +264,6 @@ def open_study(search: SearchSpec, name: str, storage: str, seed: int):
     return study
 
 
-@contextmanager
-def _enqueue_lock(run_dir: Path):
-    """An exclusive, blocking ``flock`` on ``run_dir/.tune.lock`` for the block (a no-op without fcntl)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock
-        yield
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = os.open(run_dir / ".tune.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(handle)  # closing the descriptor releases the lock
-
-
 def run_trials(spec: ExperimentSpec, target: Target, trials: int, storage: str, progress: bool = False,
                console=None):
     """Run ``trials`` trials of ``target``'s study (new or shared with other workers); returns the study."""
@@ -297,7 +279,7 @@ def run_trials(spec: ExperimentSpec, target: Target, trials: int, storage: str, 
     # Optuna's check-then-enqueue is not atomic (skip_if_exists reads the trials, then inserts): two workers
     # opening a new study at once both enqueued the default. A file lock in the run folder serialises it for
     # the workers of one machine (SQLite's case, and a shared RDB's workers on one host).
-    with _enqueue_lock(run_dir):
+    with file_lock(run_dir / ".tune.lock"):
         if not study.trials:
             study.enqueue_trial(defaults(spec, target, space), user_attrs={"default": True}, skip_if_exists=True)
 
