@@ -49,6 +49,43 @@ def test_fisher_is_the_mean_squared_per_example_gradient():
         torch.testing.assert_close(fisher[name], expected / 6)
 
 
+def test_true_fisher_is_the_expectation_over_the_models_own_labels():
+    """F_i = (1/N) Σ_n Σ_c p(c|x_n) (∂ log p(c|x_n) / ∂θ_i)²: the draws' mean converges to the exact sum."""
+    model = testing.toy_mlp()
+    records = _toy_records()
+    params = dict(model.named_parameters())
+    exact = {name: torch.zeros_like(p) for name, p in params.items()}
+    for record in records:
+        probs = torch.softmax(model(x=record["x"][None]).logits.detach(), -1)[0]
+        for c in range(probs.numel()):
+            model.zero_grad()
+            model(x=record["x"][None], labels=torch.tensor([c])).loss.backward()
+            for name, p in params.items():
+                exact[name] += probs[c] * p.grad ** 2 / len(records)
+    repeats = 300
+    drawn = fisher_diagonal(model, records * repeats, _toy_collate, params, samples=len(records) * repeats,
+                            kind="true", generator=torch.Generator().manual_seed(1))
+    for name in params:
+        rel = (drawn[name] - exact[name]).norm() / exact[name].norm()
+        assert rel < 0.1, (name, float(rel))
+    # it is not the empirical Fisher: the data's labels are not the model's
+    empirical = fisher_diagonal(model, records, _toy_collate, params, samples=6)
+    assert (empirical["classifier.weight"] - exact["classifier.weight"]).norm() > 0.2 * exact["classifier.weight"].norm()
+
+
+def test_model_labels_draw_the_next_token_where_the_data_scores():
+    from tunelab.adapt.ewc import model_labels
+
+    logits = torch.full((1, 4, 5), -1e4)
+    for t, token in enumerate([3, 1, 4, 2]):
+        logits[0, t, token] = 0.0  # the model is certain: position t predicts `token` at t + 1
+    labels = torch.tensor([[-100, -100, 7, 8]])
+    out = model_labels(logits, labels, torch.Generator().manual_seed(0))
+    assert out.tolist() == [[-100, -100, 1, 4]]  # scored positions 2, 3 drawn from logits 1, 2
+    with pytest.raises(ValueError, match="fisher: empirical"):
+        model_labels(torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, dtype=torch.long), torch.Generator())
+
+
 def test_ewc_penalty_equation():
     theta = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.5]])}
     anchor = {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([[1.5]])}
@@ -302,6 +339,7 @@ def _kill_in_stage_two(at_step):
 
 
 @pytest.mark.parametrize("name, options", [("ewc", {"ewc_lambda": 1e4, "fisher_samples": 4}),
+                                           ("ewc", {"ewc_lambda": 1e4, "fisher_samples": 4, "fisher": "true"}),
                                            ("replay", {"buffer_size": 4, "replay_ratio": 0.5}),
                                            ("lwf", {"alpha": 1.0}),
                                            ("olora", {"orth_lambda": 1.0}),

@@ -13,9 +13,21 @@ one anchor instead of one per stage:
 
 with decay γ ∈ [0, 1] (γ = 1: the Fishers add up; γ = 0: only the last stage counts).
 
-Code map: :func:`fisher_diagonal` is the empirical Fisher F_i = (1/N) Σ_n (∂ℓ_n / ∂θ_i)² over N
-training examples of the stage just finished (ℓ_n the example's mean token NLL; batches of
-``fisher_batch_size`` examples, 1 = exact per-example), computed over the *trainable* parameters only;
+Which Fisher (``fisher``):
+
+- ``empirical`` — F_i = (1/N) Σ_n (∂ℓ_n(y_n) / ∂θ_i)², the gradient of the loss on the data's own labels
+  y_n. Cheap and common, but it is the squared gradient of a loss the model has just minimised: on a
+  stage the model fits well the gradients are small, so the domains learnt best get the *least*
+  protection (Kunstner et al. 2019, "Limitations of the empirical Fisher approximation",
+  arXiv:1905.12558).
+- ``true`` — F_i = (1/N) Σ_n E_{ŷ ~ p_θ(·|x_n)} (∂ℓ_n(ŷ) / ∂θ_i)², the Fisher information of the model's
+  own predictive distribution, as Kirkpatrick et al. define it: the labels are drawn from the model
+  (one draw per scored position, at every position the data scores, on the data's teacher-forced
+  inputs) instead of read from the data. It does not vanish where the model is confident and right.
+
+Code map: :func:`fisher_diagonal` computes either over N training examples of the stage just finished
+(ℓ_n the example's mean token NLL; batches of ``fisher_batch_size`` examples, 1 = exact per-example),
+over the *trainable* parameters only;
 :func:`ewc_penalty` is the λ/2 term. ``on_stage_end`` folds F_t into F̃ and stores F̃ and θ* on the model
 (:mod:`tunelab.adapt.store`), where the next stage's objective finds them.
 """
@@ -23,12 +35,14 @@ training examples of the stage just finished (ℓ_n the example's mean token NLL
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from tunelab import IGNORE_INDEX
 from tunelab.adapt.store import store
 from tunelab.objectives.sft import SFTObjective, SFTOptions
 from tunelab.train.objective import LossOutput
@@ -41,15 +55,52 @@ class EWCOptions(SFTOptions):
     gamma: float = Field(1.0, ge=0, le=1, description="Online decay γ of the running Fisher (1 = sum, 0 = last stage).")
     fisher_samples: int = Field(64, gt=0, description="Training examples of a finished stage used for its Fisher.")
     fisher_batch_size: int = Field(1, gt=0, description="Examples per gradient for the Fisher (1 = per-example).")
+    fisher: Literal["empirical", "true"] = Field(
+        "empirical", description="empirical: gradients of the data's labels; true: of labels drawn from the model.")
+
+
+def model_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the model's predictive distribution where ``labels`` scores a position.
+
+    Causal LM (``logits`` (B, T, V), ``labels`` (B, T)): the logits at t predict the label at t + 1, so
+    position t + 1 gets a draw from softmax(logits[:, t]) wherever ``labels[:, t + 1]`` is scored; ignored
+    positions stay ignored. Classification (``logits`` (B, C), ``labels`` (B,)): one draw per row.
+    """
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    if logits.dim() == 2 and labels.dim() == 1:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(labels.device)
+    if logits.dim() == 3 and labels.dim() == 2:
+        b, t, v = probs[:, :-1].shape
+        drawn = torch.multinomial(probs[:, :-1].reshape(-1, v).cpu(), 1, generator=generator).view(b, t)
+        out = labels.clone()
+        scored = labels[:, 1:] != IGNORE_INDEX
+        out[:, 1:] = torch.where(scored, drawn.to(labels.device), labels[:, 1:])
+        return out
+    raise ValueError(f"fisher: 'true' needs (B, T, V) logits with (B, T) labels or (B, C) with (B,); got "
+                     f"{tuple(logits.shape)} and {tuple(labels.shape)} — use fisher: empirical for this model")
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of ``labels`` under ``logits`` over the scored positions (the causal shift for (B, T, V))."""
+    if logits.dim() == 3:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
 
 
 def fisher_diagonal(model: nn.Module, records: Sequence[Any], collate: Callable, params: Mapping[str, nn.Parameter],
-                    samples: int = 64, batch_size: int = 1) -> dict[str, torch.Tensor]:
-    """Empirical diagonal Fisher ``{name: (1/N) Σ_n g_n²}`` of ``params`` over the first ``samples`` records.
+                    samples: int = 64, batch_size: int = 1, kind: str = "empirical",
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher ``{name: (1/N) Σ_n g_n²}`` of ``params`` over the first ``samples`` records.
 
-    ``g_n`` is the gradient of batch ``n``'s mean loss ``model(**batch).loss``; with ``batch_size=1``
-    that is the per-example Fisher. Run in eval mode (no dropout); gradients are cleared afterwards.
+    ``kind="empirical"``: ``g_n`` is the gradient of batch ``n``'s mean loss ``model(**batch).loss`` on the
+    data's labels. ``kind="true"``: the gradient of the mean NLL of labels drawn from the model
+    (:func:`model_labels`, with ``generator``) at the positions the data scores. With ``batch_size=1``
+    either is per-example. Run in eval mode (no dropout); gradients are cleared afterwards.
     """
+    if kind not in ("empirical", "true"):
+        raise ValueError(f"fisher: unknown kind {kind!r} — use 'empirical' or 'true'")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     was_training = model.training
     model.eval()
     device = next(iter(params.values())).device
@@ -60,7 +111,12 @@ def fisher_diagonal(model: nn.Module, records: Sequence[Any], collate: Callable,
         batch = collate(chosen[start : start + batch_size])
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        if kind == "empirical":
+            loss = model(**batch).loss
+        else:
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            loss = _nll(logits, model_labels(logits, labels, generator))
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (name, _), grad in zip(params.items(), grads, strict=True):
             if grad is not None:
@@ -108,8 +164,9 @@ class EWCObjective(SFTObjective):
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not params:
             return
+        generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63))  # leaves the global RNG alone
         fresh = fisher_diagonal(model, records, self.collate_fn, params, self.config.fisher_samples,
-                                self.config.fisher_batch_size)
+                                self.config.fisher_batch_size, self.config.fisher, generator)
         state = store(model).setdefault("ewc", {"fisher": {}, "anchor": {}})
         gamma = self.config.gamma
         running = {name: gamma * value for name, value in state["fisher"].items()}
