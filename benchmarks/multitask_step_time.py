@@ -9,7 +9,9 @@ urgency on their own heads; ``max_length`` 160), one optimizer step is timed on
 - a **single-task** batch of 16 rows for each task,
 
 with both sharing modes that route differently: ``hard`` (one adapter, only the heads differ per row)
-and ``per_task`` (one adapter per task, chosen per row inside the batch). Two comparisons:
+and ``per_task`` (one adapter per task, chosen per row inside the batch), the latter also with
+``lora_dropout`` 0.1 (``per_task+dropout``: dropout rules out stacking the adapters' factors, so the
+routing runs per task block). Two comparisons:
 
 - **same shape** (the target): every batch padded to the mixed batch's length (16 × T), so the ratio
   mixed / mean of the four single-task steps is the cost of mixing itself (per-row heads, losses and
@@ -45,7 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("summarization", "ner", "extractive_qa", "urgency")
 GROUPS = {"summarization": "generation", "ner": "understanding", "extractive_qa": "understanding", "urgency": "understanding"}
 BATCH, MAX_LENGTH, TARGET = 16, 160, 1.15
-SHARING = ("hard", "per_task")
+SHARING = ("hard", "per_task", "per_task+dropout")  # the last: per-task adapters with lora_dropout 0.1
 SHAPES = ("same", "natural")
 
 
@@ -71,6 +73,8 @@ def pad_to(batch: dict, length: int, pad_id: int) -> dict:
 
 def builders(sharing: str, same_shape: bool) -> dict:
     """``side -> builder``: one model, objective and optimizer shared by every side; each side its batch."""
+    sharing, _, variant = sharing.partition("+")
+    dropout = 0.1 if variant == "dropout" else 0.0
     from tunelab.data import synthetic
     from tunelab.experiments import registry
     from tunelab.experiments.preflight import apply_method
@@ -79,7 +83,7 @@ def builders(sharing: str, same_shape: bool) -> dict:
 
     torch.manual_seed(0)
     model, tokenizer = zoo.load("tiny-llama", progress=False)
-    model = apply_method(model, MethodSpec(name="lora", options={"r": 16, "lora_alpha": 32,
+    model = apply_method(model, MethodSpec(name="lora", options={"r": 16, "lora_alpha": 32, "lora_dropout": dropout,
                                                                  "target_modules": "all-linear"}), "causal_lm")
     objective = registry.build_objective("multitask", {
         "tasks": [{"name": name, "group": GROUPS[name]} for name in TASKS], "sharing": sharing,

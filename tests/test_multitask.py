@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from unittest import mock
 
 import pytest
 import torch
@@ -86,11 +87,17 @@ def test_mixed_batch_layout_and_span_labels(backbone, records):
     assert text.strip() == record["answers"]["text"][0]
 
 
-@pytest.mark.parametrize("method, options, b_rank", [
-    ("lora", {"r": 4, "target_modules": "all-linear"}, None),  # one rank: the gathered, batched path
-    ("lora", {"r": 4, "target_modules": "all-linear"}, 2),  # two ranks: per chain on its rows
-    ("bottleneck", {}, None)])
-def test_per_row_routing_equals_each_row_alone(method, options, b_rank):
+INTERLEAVED = [["shared", "a"], ["shared", "b"], ["a"], ["shared", "a"]]
+BLOCKS = [["shared", "a"], ["shared", "a"], ["shared", "b"], ["a"]]  # one block per chain, as the sampler orders them
+
+
+@pytest.mark.parametrize("method, options, b_rank, chains", [
+    ("lora", {"r": 4, "target_modules": "all-linear"}, None, INTERLEAVED),  # one rank: the gathered, batched path
+    ("lora", {"r": 4, "target_modules": "all-linear"}, 2, INTERLEAVED),  # two ranks: per chain on its rows
+    ("lora", {"r": 4, "target_modules": "all-linear"}, None, BLOCKS),  # contiguous blocks: split / cat
+    ("lora", {"r": 4, "target_modules": "all-linear"}, 2, BLOCKS),  # ... with two ranks
+    ("bottleneck", {}, None, INTERLEAVED)])
+def test_per_row_routing_equals_each_row_alone(method, options, b_rank, chains):
     model = testing.tiny_llama(0)
     tuners.apply(model, method, adapter_name="shared", **options)
     for name in ("a", "b"):
@@ -101,10 +108,12 @@ def test_per_row_routing_equals_each_row_alone(method, options, b_rank):
             if parameter.requires_grad:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     ids = torch.randint(0, 64, (4, 6))
-    chains = [["shared", "a"], ["shared", "b"], ["a"], ["shared", "a"]]
     model.train()  # routing must hold in training, with gradients
-    with row_adapters(model, chains):
+    from tunelab.multitask import routing
+
+    with row_adapters(model, chains), mock.patch.object(routing, "_lora_split", wraps=routing._lora_split) as split:
         routed = model(input_ids=ids).logits  # (4, 6, V)
+    assert split.called == (method == "lora" and chains is BLOCKS)
     routed.pow(2).sum().backward()
     routed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -128,6 +137,10 @@ def test_sampler_resumes_exactly(records):
     resumed = objective.sampler(records, config)
     resumed.load_state_dict(state)
     assert [resumed.next_indices() for _ in range(5)] == expected
+    for indices in expected:  # a mixed batch comes ordered by task: one contiguous block per task
+        tasks = [records[i]["task"] for i in indices]
+        blocks = [task for k, task in enumerate(tasks) if k == 0 or tasks[k - 1] != task]
+        assert len(blocks) == len(set(tasks))
     one_task = MultitaskObjective(tasks=TASKS).sampler(records, config)  # per-batch switching
     for _ in range(4):
         assert len({records[i]["task"] for i in one_task.next_indices()}) == 1

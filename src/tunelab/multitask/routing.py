@@ -21,6 +21,8 @@ How the code maps to it: the context temporarily sets an instance ``forward`` on
 Fast paths read the layers' public per-adapter parameters:
 
 - LoRA (``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``): ``Δ_n(x) = s_n B_n A_n drop_n(x)``. When
+  each chain's rows are one contiguous block (the multi-task sampler orders a mixed batch by task),
+  the input is split into views and the blocks' outputs concatenated; otherwise, when
   the adapters share one rank and have no active dropout, their factors are stacked and every row's
   ``(A, B, s)`` gathered, so all chains run in two batched matmuls per chain position (no per-chain
   row selection, whose backward scatters into full-size zeros); otherwise per chain on its rows;
@@ -59,6 +61,8 @@ def _rows(rows: list[int], device: torch.device) -> torch.Tensor:
 def _lora_forward(layer: nn.Module, groups: dict, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     result = layer.base_layer(x, *args, **kwargs)  # (B, ..., out)
     chains = {chain: [n for n in chain if n in layer.lora_A and n not in layer.merged_adapters] for chain in groups}
+    if len(groups) > 1 and (sizes := _contiguous(groups, x.shape[0])):
+        return _lora_split(layer, groups, chains, sizes, x, result)
     if len(groups) > 1 and _stackable(layer, chains):
         return _lora_gathered(layer, groups, chains, x, result)
     out = None  # one copy of the base output, whose rows each chain overwrites in place
@@ -81,6 +85,34 @@ def _lora_forward(layer: nn.Module, groups: dict, x: torch.Tensor, *args, **kwar
             out = result.clone()
         out.index_copy_(0, index, part)
     return result if out is None else out
+
+
+def _contiguous(groups: dict, batch: int) -> list[int] | None:
+    """Row counts of the chains in order when each chain's rows are one block and the blocks tile the
+    batch in first-appearance order (the multi-task sampler orders a mixed batch by task); else None."""
+    sizes, start = [], 0
+    for rows in groups.values():
+        if rows[0] != start or rows[-1] != start + len(rows) - 1:
+            return None
+        sizes.append(len(rows))
+        start += len(rows)
+    return sizes if start == batch else None
+
+
+def _lora_split(layer: nn.Module, groups: dict, chains: dict, sizes: list[int], x: torch.Tensor,
+                result: torch.Tensor) -> torch.Tensor:
+    """Chains on contiguous row blocks: ``torch.split`` into views, each block's LoRA terms as plain
+    matmuls, one ``torch.cat`` back — no index_select copies, no gathered weights, and a backward that
+    concatenates the blocks' gradients instead of scattering each into a full-size zero tensor. Any
+    ranks, any dropout: the arithmetic of each block run alone."""
+    parts = []
+    for chain, x_rows, part in zip(groups, x.split(sizes), result.split(sizes), strict=True):
+        for name in chains[chain]:
+            lora_A = layer.lora_A[name]
+            hidden = lora_A(layer.lora_dropout[name](x_rows.to(lora_A.weight.dtype)))
+            part = torch.add(part, layer.lora_B[name](hidden).to(part.dtype), alpha=layer.scaling[name])
+        parts.append(part)
+    return torch.cat(parts)
 
 
 def _stackable(layer: nn.Module, chains: dict) -> bool:

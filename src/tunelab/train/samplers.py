@@ -170,7 +170,7 @@ class GroupSampler:
         else:
             rows = self._draw(self.batch_size * self.world_size)[self.rank :: self.world_size]
             indices = []
-            for group in rows:
+            for group in sorted(rows):  # rows of one group together: per-row routing runs on contiguous blocks
                 sampler = self.samplers[group]
                 if sampler.position >= sampler.num_records:
                     sampler.epoch, sampler.position, sampler._order = sampler.epoch + 1, 0, None
