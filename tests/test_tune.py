@@ -8,6 +8,7 @@ method the same number of trials and a best.yaml grid; a spec without `search:` 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from rich.console import Console
 
 from tunelab.cli import main
 from tunelab.experiments.spec import load_spec
@@ -119,6 +121,21 @@ def test_equal_budget_gives_every_method_the_same_trials(tmp_path, small_model_d
     # then the comparison runs every method at its best configuration, as an ordinary experiment
     assert [r["method_label"] for r in outcome.comparison] == ["lora", "ia3"]
     assert (tmp_path / "runs" / "equal-best" / "report.md").is_file()
+
+
+def test_a_worker_that_finishes_while_another_still_runs_trials_leaves_the_comparison(tmp_path, small_model_dir):
+    """Two workers on one storage: the first to finish must not compare best configurations that the
+    other's running trials may still beat; it writes best.yaml and says who compares."""
+    extra = SEARCH + "  per_method: true\ngrid: {methods: [{name: lora}, {name: ia3}], seeds: [0]}\n"
+    spec = load_spec(write_spec(tmp_path, small_model_dir, name="two", extra=extra))
+    spec.run_dir.mkdir(parents=True)
+    other = optuna.create_study(study_name="two.ia3", storage=storage_url(spec, None), direction="minimize")
+    other.ask()  # the other worker's trial, still running
+    said = io.StringIO()
+    outcome = tune(spec, trials=1, isolate=False, console=Console(file=said, width=200))
+    assert outcome.comparison is None and outcome.best_yaml.is_file()
+    assert not (tmp_path / "runs" / "two-best").exists()
+    assert "1 trial(s) still running in other workers" in said.getvalue()
 
 
 def test_a_relative_learning_rate_scales_each_methods_own_rate(tmp_path, small_model_dir):

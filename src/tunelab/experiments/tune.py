@@ -383,7 +383,13 @@ def tune(spec: ExperimentSpec, trials: int, storage: str | None = None, study_na
     if finished:
         best = [best_method(t, finished[t.label]) for t in targets(spec, per_method, study_name) if t.label in finished]
         outcome.best_yaml = write_best_yaml(spec, best, spec.run_dir / "best.yaml")
-    if per_method and compare and outcome.best_yaml is not None:
+    running = sum(_running(study) for study in outcome.studies.values())
+    if per_method and compare and outcome.best_yaml is not None and running:
+        # another worker on the same storage is still tuning: comparing now would freeze best
+        # configurations its trials may still beat; the worker that finishes last compares
+        _say(console, f"{running} trial(s) still running in other workers on this storage: no comparison "
+                      f"from this one (the last worker to finish runs it, or: tunelab run {outcome.best_yaml})")
+    elif per_method and compare and outcome.best_yaml is not None:
         from tunelab.experiments.runner import run_experiment
 
         best_spec = spec_module.load_spec(outcome.best_yaml)
@@ -404,6 +410,13 @@ def _check_keys_apply(spec: ExperimentSpec) -> None:
             valid = sorted({f for m in methods for f in registry.get(m.name).config_class.model_fields})
             raise ConfigError(f"search.params.{key}: no tuned method ({', '.join(names)}) has option "
                               f"{key.removeprefix('method.options.')!r}; valid options: {', '.join(valid)}")
+
+
+def _running(study) -> int:
+    """Trials of ``study`` that some worker is running now (read fresh from the storage)."""
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
 def _has_complete(study) -> bool:
