@@ -191,7 +191,13 @@ def test_a_real_run_records_device_and_latency_tokens_and_a_new_price_reruns_not
     [first] = run_experiment(validate(raw), progress=False, isolate=False)
     assert first["device"]["type"] == "cpu" and first["device"]["processes"] == 1
     assert first["inference_latency_tokens"] > 0 and first["inference_latency_ms"] > 0
+    effi = first["efficiency"]  # PEFT method_comparison's figures: memory mean / p99 / max, merged latency, size
+    for phase in ("train_memory_mb", "inference_memory_mb"):
+        assert effi[phase]["samples"] >= 2 and 0 < effi[phase]["mean"] <= effi[phase]["p99"] <= effi[phase]["max"]
+    assert effi["memory_source"] == "rss" and effi["latency_ms_unmerged"] == first["inference_latency_ms"]
+    assert effi["latency_ms_merged"] > 0 and 0 < effi["adapter_mb"] < 1
     run_dir = tmp_path / "exp"
+    assert "## Efficiency: memory, latency merged / unmerged, adapter size" in (run_dir / "report.md").read_text()
     result = run_dir / "results" / f"{first['run_id']}.json"
     before = result.read_bytes()
     cost = pricing.money(pricing.training_cost(first, 3.0))

@@ -27,6 +27,7 @@ from tunelab.experiments import (
     markdown_html,
     pricing,
     report_baselines,
+    report_efficiency,
     report_probe,
     report_stages,
     rundir,
@@ -183,6 +184,7 @@ def write_report(run_dir: str | Path, price_per_hour: float | None = None) -> tu
     stage_md += distill_report.markdown_section(results)  # teacher vs students (tunelab.distill)
     stage_md += report_baselines.markdown_section(results)  # untuned / majority baselines, flags, samples
     stage_md += report_probe.markdown_section(results)  # forgetting: general held-out perplexity before/after
+    stage_md += report_efficiency.markdown_section(results)  # memory mean/p99/max, merged latency, adapter size
     stage_md += multitask_report.markdown_section(results)  # single vs multi-task per task, Δp (tunelab.multitask)
     if stage_png is not None:
         stage_md += "![stage matrix](plots/stage_matrix.png)\n\n"

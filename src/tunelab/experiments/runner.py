@@ -36,7 +36,7 @@ import yaml
 
 from tunelab.adapt.store import store
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.experiments import distributed, environment, pricing, registry, rundir
+from tunelab.experiments import distributed, efficiency, environment, pricing, registry, rundir
 from tunelab.experiments import jobs as parallel
 from tunelab.experiments.grid import cell_key, expand_grid
 from tunelab.experiments.preflight import apply_methods, load_model, preflight, stage_splits
@@ -240,11 +240,12 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
         else:
             stage_dir = work / ("train" if len(prepared) == 1 else f"train-{index}")
             seed_everything(stage.train.seed)
-            result = train(model, train_records, objective, stage.train, eval_records=eval_records or None,
-                           output_dir=stage_dir, progress=progress, resume=True,
-                           callbacks=[*(callbacks or []), *([_killer(kill_at)] if kill_at else [])] or None,
-                           param_groups=optimizer_groups(model, rates, stage.train.learning_rate,
-                                                         stage.train.weight_decay))
+            with efficiency.MemorySampler(_memory_device()) as train_memory:
+                result = train(model, train_records, objective, stage.train, eval_records=eval_records or None,
+                               output_dir=stage_dir, progress=progress, resume=True,
+                               callbacks=[*(callbacks or []), *([_killer(kill_at)] if kill_at else [])] or None,
+                               param_groups=optimizer_groups(model, rates, stage.train.learning_rate,
+                                                             stage.train.weight_decay))
             stage_trainable = _trainable(model, objective)  # before on_stage_end may take the stage's adapter off
             objective.on_stage_end(model, train_records)
             # what the objective's setup made trainable (multitask's per-task adapters) is the stage's too
@@ -252,8 +253,9 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
             stage_history = [{**event, "stage": stage.name} for event in result.history] if len(prepared) > 1 \
                 else result.history
             started = time.perf_counter()
-            row, stage_predictions = _evaluate_row(spec, prepared, objectives, index, model, tokenizer, progress) \
-                if main else ([None] * len(prepared), [])
+            with efficiency.MemorySampler(_memory_device()) as inference_memory:
+                row, stage_predictions = _evaluate_row(spec, prepared, objectives, index, model, tokenizer,
+                                                       progress) if main else ([None] * len(prepared), [])
             probed = probe.after(model) if probe is not None else {}
             stage_record = {"name": stage.name, "objective": stage.objective.name,
                             "method": stage.method.name if stage.method else None,
@@ -261,7 +263,9 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
                             "trainable_parameters": stage_trainable,
                             "train_seconds": result.train_seconds, "tokens_per_second": result.tokens_per_second,
                             "final_eval_loss": result.final_eval_loss,
-                            "eval_seconds": time.perf_counter() - started, "metrics": row[index], **probed}
+                            "eval_seconds": time.perf_counter() - started, "metrics": row[index],
+                            "train_memory_mb": train_memory.summary(),
+                            "inference_memory_mb": inference_memory.summary(), **probed}
             if main:
                 _save_stage(work, index, model, objective, trained_names,
                             (stage_record, row, stage_history, stage_predictions))
@@ -278,8 +282,13 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
     if trainable is None:
         trainable = _trainable(model, objectives[-1])
     total = sum(p.numel() for p in model.parameters())
-    latency, latency_tokens = _latency_ms(model, objectives[-1].collate_fn, prepared[-1][4],
-                                          spec.eval.latency_batches)
+    with efficiency.MemorySampler(_memory_device()) as latency_memory:
+        latency, latency_tokens = _latency_ms(model, objectives[-1].collate_fn, prepared[-1][4],
+                                              spec.eval.latency_batches)
+        # after every score is taken: merging and unmerging may leave float-level differences in the base
+        merged = efficiency.merged_latency_ms(model, lambda: _latency_ms(
+            model, objectives[-1].collate_fn, prepared[-1][4], spec.eval.latency_batches)[0]) \
+            if latency is not None else None
     last_stage = prepared[-1]
     untuned_last = untuned[-1] if untuned else None
     general = probe.record(stage_records) if probe is not None else None
@@ -316,6 +325,14 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
             name: sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and name in n.split("."))
             for _, name in spec.method.adapters()}
     record["outputs"] = _save_outputs(run_dir, cell.run_id, model, predictions, objectives)
+    record["efficiency"] = {
+        "train_memory_mb": efficiency.combine(s.get("train_memory_mb") for s in stage_records),
+        "inference_memory_mb": efficiency.combine([*(s.get("inference_memory_mb") for s in stage_records),
+                                                   latency_memory.summary()]),
+        "memory_source": "cuda_reserved" if _memory_device() is not None else "rss",
+        "latency_ms_unmerged": latency, "latency_ms_merged": merged,
+        "adapter_mb": efficiency.adapter_mb(run_dir / record["outputs"]["adapter"])
+        if record["outputs"].get("adapter") else None}
     if len(prepared) > 1:
         record["stages"] = stage_records
         record["stage_matrix"] = {"stages": [s.name for s in stages],
@@ -547,6 +564,12 @@ def _latency_ms(model, collate, records: list[dict], batches: int) -> tuple[floa
         _synchronize(device)  # CUDA runs asynchronously: time the work, not its launch
         times.append((time.perf_counter() - started) * 1000)
     return sorted(times)[len(times) // 2], count_tokens(inputs) or None
+
+
+def _memory_device() -> torch.device | None:
+    """Where training runs memory-wise: the CUDA device when there is one (the loop trains there), else
+    None (the sampler reads this process's RSS)."""
+    return torch.device("cuda") if torch.cuda.is_available() else None
 
 
 def _synchronize(device: torch.device) -> None:
