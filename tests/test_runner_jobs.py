@@ -20,8 +20,10 @@ from rich.console import Console
 
 from tunelab.experiments import jobs
 
-# Two LoRA cells. With lora_alpha 1e30 and no gradient clipping, the first update throws the output to
-# NaN: "training loss became nan at step 2" -- a user-facing error that preflight cannot see.
+# Two LoRA cells. With lora_alpha 1e20, learning rate 1 and no gradient clipping the second cell diverges:
+# "training loss became nan at step 3" -- a user-facing error that preflight cannot see. (An alpha of
+# 1e30 no longer does: its squared gradient overflows AdamW's second moment to inf, so the first update
+# is 0 and the loss stays finite.)
 CONFIG = ("name: exp\noutput_dir: {runs}\nmodel: {{name: '{model}'}}\n"
           "data: {{tasks: [summarization], domain: medical, train_size: 16, eval_size: 0, test_size: 4}}\n"
           "train: {{max_steps: {steps}, batch_size: 4, log_every: 1, save_every: {save_every}}}\n"
@@ -29,13 +31,17 @@ CONFIG = ("name: exp\noutput_dir: {runs}\nmodel: {{name: '{model}'}}\n"
           "grid:\n  methods:\n"
           "    - {{name: lora, options: {{r: 2, target_modules: [q_proj, v_proj]}}}}\n"
           "    - {{name: lora, label: second, options: {{r: 2, lora_alpha: {alpha}, target_modules: [q_proj, v_proj]}}, "
-          "train: {{max_grad_norm: null}}}}\n")
+          "train: {{learning_rate: {lr}, max_grad_norm: null}}}}\n")
+
+
+DIVERGING = {"alpha": "1.0e+20", "lr": "1.0"}  # the second cell's settings that diverge
 
 
 def _config(tmp: Path, model: Path, runs: str = "runs", alpha: str = "16.0", steps: int = 3,
-            save_every: str = "null") -> Path:
+            save_every: str = "null", lr: str = "1.0e-3") -> Path:
     path = tmp / f"exp-{runs}.yaml"
-    path.write_text(CONFIG.format(runs=tmp / runs, model=model, alpha=alpha, steps=steps, save_every=save_every))
+    path.write_text(CONFIG.format(runs=tmp / runs, model=model, alpha=alpha, steps=steps, save_every=save_every,
+                                  lr=lr))
     return path
 
 
@@ -66,7 +72,7 @@ def test_two_jobs_give_the_results_of_one(tmp_path, small_model_dir, monkeypatch
 
 
 def test_a_failing_cell_is_recorded_reported_and_retried(tmp_path, small_model_dir, capsys):
-    config = _config(tmp_path, small_model_dir, alpha="1.0e+30")
+    config = _config(tmp_path, small_model_dir, **DIVERGING)
     run_dir = tmp_path / "runs" / "exp"
     code, out, err = _cli(capsys, "run", str(config), "--jobs", "2")
     assert code == 1 and "Traceback" not in err and err.count("\n") == 1, err
@@ -76,7 +82,7 @@ def test_a_failing_cell_is_recorded_reported_and_retried(tmp_path, small_model_d
     assert not (run_dir / "results" / "second-n16-s0.json").exists()
     record = json.loads((run_dir / "failed" / "second-n16-s0.json").read_text())
     assert record["error_type"] == "ConfigError" and record["exit_code"] == 2
-    assert record["message"].startswith("training loss became nan at step 2") and "\n" not in record["message"]
+    assert record["message"].startswith("training loss became nan at step 3") and "\n" not in record["message"]
     assert "training loss became nan" in (run_dir / record["log"]).read_text()
     report = (run_dir / "report.md").read_text()
     assert "1 run(s), 1 failed" in report
@@ -84,7 +90,8 @@ def test_a_failing_cell_is_recorded_reported_and_retried(tmp_path, small_model_d
     assert "<h2>Failed cells</h2>" in (run_dir / "report.html").read_text()
 
     finished = (run_dir / "results" / "lora-n16-s0.json").stat().st_mtime_ns
-    config.write_text(config.read_text().replace("lora_alpha: 1.0e+30", "lora_alpha: 16.0"))  # the fix
+    config.write_text(config.read_text().replace("lora_alpha: 1.0e+20", "lora_alpha: 16.0")
+                      .replace("learning_rate: 1.0,", "learning_rate: 1.0e-3,"))  # the fix
     code, out, err = _cli(capsys, "run", str(config), "--in-process")  # in this process: the test's cheaper
     assert code == 0, err
     assert "[1/2] lora-n16-s0: done already, skipped" in out and "[2/2] second-n16-s0: " in out
@@ -99,7 +106,7 @@ def test_a_failure_in_process_is_recorded_with_its_traceback(tmp_path, small_mod
     from tunelab.experiments.runner import run_experiment
     from tunelab.experiments.spec import load_spec
 
-    config = _config(tmp_path, small_model_dir, alpha="1.0e+30")
+    config = _config(tmp_path, small_model_dir, **DIVERGING)
     config.write_text(config.read_text().replace("    - {name: lora, options: {r: 2, target_modules: [q_proj, v_proj]}}\n", ""))
     with pytest.raises(CellsFailed, match=r"^1 of 1 cells failed \(second-n16-s0: ConfigError: training loss") as caught:
         run_experiment(load_spec(config), progress=False, isolate=False)
