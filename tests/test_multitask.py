@@ -94,8 +94,8 @@ BLOCKS = [["shared", "a"], ["shared", "a"], ["shared", "b"], ["a"]]  # one block
 @pytest.mark.parametrize("method, options, b_rank, chains", [
     ("lora", {"r": 4, "target_modules": "all-linear"}, None, INTERLEAVED),  # one rank: the gathered, batched path
     ("lora", {"r": 4, "target_modules": "all-linear"}, 2, INTERLEAVED),  # two ranks: per chain on its rows
-    ("lora", {"r": 4, "target_modules": "all-linear"}, None, BLOCKS),  # contiguous blocks: split / cat
-    ("lora", {"r": 4, "target_modules": "all-linear"}, 2, BLOCKS),  # ... with two ranks
+    ("lora", {"r": 4, "target_modules": "all-linear"}, None, BLOCKS),  # contiguous, one rank: still gathered
+    ("lora", {"r": 4, "target_modules": "all-linear"}, 2, BLOCKS),  # contiguous, two ranks: split / cat
     ("bottleneck", {}, None, INTERLEAVED)])
 def test_per_row_routing_equals_each_row_alone(method, options, b_rank, chains):
     model = testing.tiny_llama(0)
@@ -113,7 +113,7 @@ def test_per_row_routing_equals_each_row_alone(method, options, b_rank, chains):
 
     with row_adapters(model, chains), mock.patch.object(routing, "_lora_split", wraps=routing._lora_split) as split:
         routed = model(input_ids=ids).logits  # (4, 6, V)
-    assert split.called == (method == "lora" and chains is BLOCKS)
+    assert split.called == (method == "lora" and chains is BLOCKS and b_rank is not None)  # one rank: gathered
     routed.pow(2).sum().backward()
     routed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()

@@ -21,11 +21,11 @@ How the code maps to it: the context temporarily sets an instance ``forward`` on
 Fast paths read the layers' public per-adapter parameters:
 
 - LoRA (``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``): ``Δ_n(x) = s_n B_n A_n drop_n(x)``. When
-  each chain's rows are one contiguous block (the multi-task sampler orders a mixed batch by task),
-  the input is split into views and the blocks' outputs concatenated; otherwise, when
   the adapters share one rank and have no active dropout, their factors are stacked and every row's
   ``(A, B, s)`` gathered, so all chains run in two batched matmuls per chain position (no per-chain
-  row selection, whose backward scatters into full-size zeros); otherwise per chain on its rows;
+  row selection, whose backward scatters into full-size zeros); otherwise, when each chain's rows are
+  one contiguous block (the multi-task sampler orders a mixed batch by task), the input is split into
+  views and the blocks' outputs concatenated (dropout, mixed ranks); otherwise per chain on its rows;
 - bottleneck adapters (``adapters[n]`` on the sub-layer output ``h``): ``Δ_n(h) = adapter_n(h)``.
 
 Any other wrapper (DoRA, (IA)³, Compacter, ...) falls back to running the whole wrapped layer once per
@@ -61,10 +61,10 @@ def _rows(rows: list[int], device: torch.device) -> torch.Tensor:
 def _lora_forward(layer: nn.Module, groups: dict, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     result = layer.base_layer(x, *args, **kwargs)  # (B, ..., out)
     chains = {chain: [n for n in chain if n in layer.lora_A and n not in layer.merged_adapters] for chain in groups}
-    if len(groups) > 1 and (sizes := _contiguous(groups, x.shape[0])):
-        return _lora_split(layer, groups, chains, sizes, x, result)
     if len(groups) > 1 and _stackable(layer, chains):
         return _lora_gathered(layer, groups, chains, x, result)
+    if len(groups) > 1 and (sizes := _contiguous(groups, x.shape[0])):
+        return _lora_split(layer, groups, chains, sizes, x, result)
     out = None  # one copy of the base output, whose rows each chain overwrites in place
     for chain, rows in groups.items():
         names = chains[chain]
