@@ -111,7 +111,7 @@ def merged_latency_ms(model, measure) -> float | None:
     from tunelab import tuners
     from tunelab.errors import MethodError
 
-    if not tuners.adapters(model) or not any(True for _ in tuners.tuner_layers(model)):
+    if not tuners.adapters(model) or next(tuners.tuner_layers(model), None) is None:
         return None  # a bare model, or full fine-tuning (no wrapper layer: nothing to fold)
     try:
         tuners.merge(model)
@@ -128,5 +128,5 @@ def adapter_mb(adapter_dir: Path) -> float | None:
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         return None
-    files = [p for p in adapter_dir.rglob("*") if p.is_file() and "peft" not in p.relative_to(adapter_dir).parts[:1]]
+    files = [p for p in adapter_dir.rglob("*") if p.is_file() and p.relative_to(adapter_dir).parts[0] != "peft"]
     return sum(p.stat().st_size for p in files) / 2**20 if files else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 
 
 def figure_png(draw, width: float = 6.4, height: float = 4.0, figure_level: bool = False) -> bytes:
@@ -54,6 +55,12 @@ def ci95(values: list[float]) -> float:
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     t = T_975[n - 2] if n - 2 < len(T_975) else 1.96
     return t * std / math.sqrt(n)
+
+
+def mean_or_none(values: list) -> float | None:
+    """Mean of the values that are not None; None when none is."""
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
 
 
 def point_colors(count: int) -> list:

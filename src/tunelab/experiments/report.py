@@ -32,7 +32,7 @@ from tunelab.experiments import (
     report_stages,
     rundir,
 )
-from tunelab.experiments.plots import ci95, figure_png, legend_beside, point_colors, score_axis
+from tunelab.experiments.plots import ci95, figure_png, legend_beside, mean_or_none, point_colors, score_axis
 from tunelab.multitask import report as multitask_report
 from tunelab.utils import atomic_write_text
 
@@ -90,18 +90,13 @@ def summarize(results: list[dict], price_per_hour: float | None = None) -> list[
             "train_seconds": statistics.fmean(r["train_seconds"] for r in group),
             "tokens_per_second": statistics.fmean(r["train_tokens_per_second"] or 0.0 for r in group),
             "peak_memory_mb": max(r["peak_memory_mb"] or 0.0 for r in group),
-            "latency_ms": _mean_or_none([r.get("inference_latency_ms") for r in group]),
+            "latency_ms": mean_or_none([r.get("inference_latency_ms") for r in group]),
             "metrics": {key: statistics.fmean(r["metrics"][key] for r in group)
                         for key in group[0]["metrics"] if all(key in r["metrics"] for r in group)},
             "test_data": analysis.test_data(group[0]),  # rows are ranked only against the same test data
             **pricing.row_fields(group, price_per_hour),
         })
     return rows
-
-
-def _mean_or_none(values: list) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.fmean(present) if present else None
 
 
 def markdown_table(rows: list[dict]) -> str:

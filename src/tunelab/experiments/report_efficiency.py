@@ -8,13 +8,9 @@ cells that have it); a dash is a figure the cells do not have (a method that can
 
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 
-
-def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.fmean(values) if values else None
+from tunelab.experiments.plots import mean_or_none
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -33,9 +29,9 @@ def rows(results: list[dict]) -> list[dict]:
                "source": group[0].get("memory_source", "rss")}
         for phase in ("train", "inference"):
             for stat in ("mean", "p99", "max"):
-                row[f"{phase}_{stat}"] = _mean([(e.get(f"{phase}_memory_mb") or {}).get(stat) for e in group])
+                row[f"{phase}_{stat}"] = mean_or_none([(e.get(f"{phase}_memory_mb") or {}).get(stat) for e in group])
         for key in ("latency_ms_unmerged", "latency_ms_merged", "adapter_mb"):
-            row[key] = _mean([e.get(key) for e in group])
+            row[key] = mean_or_none([e.get(key) for e in group])
         out.append(row)
     return out
 

@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -225,6 +226,7 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
     train_seconds, tokens_per_second, final_eval_loss = 0.0, 0.0, None
     trained_names: set[str] = set()
     kill_at = int(os.environ.get("TUNELAB_KILL_AT_STEP", "0"))  # fault injection for the resume tests
+    memory_device = _memory_device()
     for index, (stage, _, train_records, eval_records, _, labels) in enumerate(prepared):
         if stage.method is not None:
             model = apply_methods(model, stage.method, model_task, adapter_name=stage.name)
@@ -240,7 +242,7 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
         else:
             stage_dir = work / ("train" if len(prepared) == 1 else f"train-{index}")
             seed_everything(stage.train.seed)
-            with efficiency.MemorySampler(_memory_device()) as train_memory:
+            with efficiency.MemorySampler(memory_device) as train_memory:
                 result = train(model, train_records, objective, stage.train, eval_records=eval_records or None,
                                output_dir=stage_dir, progress=progress, resume=True,
                                callbacks=[*(callbacks or []), *([_killer(kill_at)] if kill_at else [])] or None,
@@ -253,7 +255,7 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
             stage_history = [{**event, "stage": stage.name} for event in result.history] if len(prepared) > 1 \
                 else result.history
             started = time.perf_counter()
-            with efficiency.MemorySampler(_memory_device()) as inference_memory:
+            with efficiency.MemorySampler(memory_device) as inference_memory:
                 row, stage_predictions = _evaluate_row(spec, prepared, objectives, index, model, tokenizer,
                                                        progress) if main else ([None] * len(prepared), [])
             probed = probe.after(model) if probe is not None else {}
@@ -282,13 +284,11 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
     if trainable is None:
         trainable = _trainable(model, objectives[-1])
     total = sum(p.numel() for p in model.parameters())
-    with efficiency.MemorySampler(_memory_device()) as latency_memory:
-        latency, latency_tokens = _latency_ms(model, objectives[-1].collate_fn, prepared[-1][4],
-                                              spec.eval.latency_batches)
+    timed = partial(_latency_ms, model, objectives[-1].collate_fn, prepared[-1][4], spec.eval.latency_batches)
+    with efficiency.MemorySampler(memory_device) as latency_memory:
+        latency, latency_tokens = timed()
         # after every score is taken: merging and unmerging may leave float-level differences in the base
-        merged = efficiency.merged_latency_ms(model, lambda: _latency_ms(
-            model, objectives[-1].collate_fn, prepared[-1][4], spec.eval.latency_batches)[0]) \
-            if latency is not None else None
+        merged = efficiency.merged_latency_ms(model, lambda: timed()[0]) if latency is not None else None
     last_stage = prepared[-1]
     untuned_last = untuned[-1] if untuned else None
     general = probe.record(stage_records) if probe is not None else None
@@ -329,7 +329,7 @@ def run_cell(cell: Cell, run_dir: Path, progress: bool = True, key: str | None =
         "train_memory_mb": efficiency.combine(s.get("train_memory_mb") for s in stage_records),
         "inference_memory_mb": efficiency.combine([*(s.get("inference_memory_mb") for s in stage_records),
                                                    latency_memory.summary()]),
-        "memory_source": "cuda_reserved" if _memory_device() is not None else "rss",
+        "memory_source": "cuda_reserved" if memory_device is not None else "rss",
         "latency_ms_unmerged": latency, "latency_ms_merged": merged,
         "adapter_mb": efficiency.adapter_mb(run_dir / record["outputs"]["adapter"])
         if record["outputs"].get("adapter") else None}

@@ -383,18 +383,18 @@ def tune(spec: ExperimentSpec, trials: int, storage: str | None = None, study_na
     if finished:
         best = [best_method(t, finished[t.label]) for t in targets(spec, per_method, study_name) if t.label in finished]
         outcome.best_yaml = write_best_yaml(spec, best, spec.run_dir / "best.yaml")
-    running = sum(_running(study) for study in outcome.studies.values())
-    if per_method and compare and outcome.best_yaml is not None and running:
-        # another worker on the same storage is still tuning: comparing now would freeze best
-        # configurations its trials may still beat; the worker that finishes last compares
-        _say(console, f"{running} trial(s) still running in other workers on this storage: no comparison "
-                      f"from this one (the last worker to finish runs it, or: tunelab run {outcome.best_yaml})")
-    elif per_method and compare and outcome.best_yaml is not None:
-        from tunelab.experiments.runner import run_experiment
+    if per_method and compare and outcome.best_yaml is not None:
+        running = sum(_running(study) for study in outcome.studies.values())
+        if running:  # another worker on the same storage is still tuning: comparing now would freeze best
+            # configurations its trials may still beat; the worker that finishes last compares
+            _say(console, f"{running} trial(s) still running in other workers on this storage: no comparison "
+                          f"from this one (the last worker to finish runs it, or: tunelab run {outcome.best_yaml})")
+        else:
+            from tunelab.experiments.runner import run_experiment
 
-        best_spec = spec_module.load_spec(outcome.best_yaml)
-        best_spec = best_spec.model_copy(update={"output_dir": spec.output_dir})
-        outcome.comparison = run_experiment(best_spec, progress=progress, isolate=isolate, console=console)
+            best_spec = spec_module.load_spec(outcome.best_yaml)
+            best_spec = best_spec.model_copy(update={"output_dir": spec.output_dir})
+            outcome.comparison = run_experiment(best_spec, progress=progress, isolate=isolate, console=console)
     outcome.report = tune_report.write(spec, outcome.studies, outcome.comparison)
     return outcome
 

@@ -75,16 +75,23 @@ def _lora_forward(layer: nn.Module, groups: dict, x: torch.Tensor, *args, **kwar
         else:
             index = _rows(rows, x.device)
             x_rows, part = x.index_select(0, index), result.index_select(0, index)
-        for name in names:  # the arithmetic of a LoRA layer run on these rows alone, term by term
-            lora_A = layer.lora_A[name]
-            hidden = lora_A(layer.lora_dropout[name](x_rows.to(lora_A.weight.dtype)))  # (n, ..., r)
-            part = torch.add(part, layer.lora_B[name](hidden).to(part.dtype), alpha=layer.scaling[name])
+        part = _lora_terms(layer, names, x_rows, part)
         if len(groups) == 1:
             return part
         if out is None:
             out = result.clone()
         out.index_copy_(0, index, part)
     return result if out is None else out
+
+
+def _lora_terms(layer: nn.Module, names: list[str], x_rows: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """``part + Σ_n s_n B_n A_n drop_n(x_rows)`` over ``names`` in order: the arithmetic of a LoRA layer
+    run on these rows alone, term by term."""
+    for name in names:
+        lora_A = layer.lora_A[name]
+        hidden = lora_A(layer.lora_dropout[name](x_rows.to(lora_A.weight.dtype)))  # (n, ..., r)
+        part = torch.add(part, layer.lora_B[name](hidden).to(part.dtype), alpha=layer.scaling[name])
+    return part
 
 
 def _contiguous(groups: dict, batch: int) -> list[int] | None:
@@ -105,14 +112,8 @@ def _lora_split(layer: nn.Module, groups: dict, chains: dict, sizes: list[int], 
     matmuls, one ``torch.cat`` back — no index_select copies, no gathered weights, and a backward that
     concatenates the blocks' gradients instead of scattering each into a full-size zero tensor. Any
     ranks, any dropout: the arithmetic of each block run alone."""
-    parts = []
-    for chain, x_rows, part in zip(groups, x.split(sizes), result.split(sizes), strict=True):
-        for name in chains[chain]:
-            lora_A = layer.lora_A[name]
-            hidden = lora_A(layer.lora_dropout[name](x_rows.to(lora_A.weight.dtype)))
-            part = torch.add(part, layer.lora_B[name](hidden).to(part.dtype), alpha=layer.scaling[name])
-        parts.append(part)
-    return torch.cat(parts)
+    return torch.cat([_lora_terms(layer, chains[chain], x_rows, part)
+                      for chain, x_rows, part in zip(groups, x.split(sizes), result.split(sizes), strict=True)])
 
 
 def _stackable(layer: nn.Module, chains: dict) -> bool:
