@@ -10,16 +10,19 @@ urgency on their own heads; ``max_length`` 160), one optimizer step is timed on
 
 with both sharing modes that route differently: ``hard`` (one adapter, only the heads differ per row)
 and ``per_task`` (one adapter per task, chosen per row inside the batch), the latter also with
-``lora_dropout`` 0.1 (``per_task+dropout``: dropout rules out stacking the adapters' factors, so the
-routing runs per task block). Two comparisons:
+``lora_dropout`` 0.1 (``per_task+dropout``: dropout rules out stacking the adapters' factors), and each
+with both ways of running a mixed batch: ``mixed_forward: blocks`` (the default: one forward per task
+block, each cut to its own longest row) and ``+routed`` (one forward of the whole batch, adapters routed
+per row inside every layer). Two comparisons:
 
-- **same shape** (the target): every batch padded to the mixed batch's length (16 × T), so the ratio
-  mixed / mean of the four single-task steps is the cost of mixing itself (per-row heads, losses and
-  adapter routing);
-- **natural padding**: each batch padded to its own longest row. A mixed batch pads every row to the
-  longest task's length, so it costs about what a batch of that task costs; the ratio to the mean of
-  the single-task steps mostly measures padding, and the ratio to the slowest single-task step is
-  the comparable number.
+- **same shape** (the target): every batch padded to the mixed batch's length (16 × T) with every
+  position attended (attention mask all ones, so no side has padding to drop), so the ratio
+  mixed / mean of the four single-task steps is the cost of mixing itself (per-row heads, losses,
+  adapter routing or the extra forwards of the blocks);
+- **natural padding**: each batch padded to its own longest row. A routed mixed batch pads every row to
+  the longest task's length, so it costs about what a batch of that task costs (compare it with the
+  slowest single-task step); blocks pad each task's rows to their own longest, so mixed / mean single is
+  the comparable number for them.
 
 Every side shares one model and optimizer, steps alternate between sides (the order reverses every
 step), each round runs in a fresh interpreter, and the result is the median over rounds of each
@@ -47,7 +50,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("summarization", "ner", "extractive_qa", "urgency")
 GROUPS = {"summarization": "generation", "ner": "understanding", "extractive_qa": "understanding", "urgency": "understanding"}
 BATCH, MAX_LENGTH, TARGET = 16, 160, 1.15
-SHARING = ("hard", "per_task", "per_task+dropout")  # the last: per-task adapters with lora_dropout 0.1
+# sharing[+dropout][+routed]: +dropout = lora_dropout 0.1; +routed = mixed_forward: routed (one forward, adapters
+# routed per row) instead of the default blocks (one forward per task block, each cut to its own longest row)
+SHARING = ("hard", "hard+routed", "per_task", "per_task+routed", "per_task+dropout", "per_task+dropout+routed")
 SHAPES = ("same", "natural")
 
 
@@ -73,8 +78,9 @@ def pad_to(batch: dict, length: int, pad_id: int) -> dict:
 
 def builders(sharing: str, same_shape: bool) -> dict:
     """``side -> builder``: one model, objective and optimizer shared by every side; each side its batch."""
-    sharing, _, variant = sharing.partition("+")
-    dropout = 0.1 if variant == "dropout" else 0.0
+    sharing, *variants = sharing.split("+")
+    dropout = 0.1 if "dropout" in variants else 0.0
+    mixed_forward = "routed" if "routed" in variants else "blocks"
     from tunelab.data import synthetic
     from tunelab.experiments import registry
     from tunelab.experiments.preflight import apply_method
@@ -87,7 +93,8 @@ def builders(sharing: str, same_shape: bool) -> dict:
                                                                  "target_modules": "all-linear"}), "causal_lm")
     objective = registry.build_objective("multitask", {
         "tasks": [{"name": name, "group": GROUPS[name]} for name in TASKS], "sharing": sharing,
-        "switching": "example", "weighting": "equal"})
+        "switching": "example", "weighting": "equal",
+        "mixed_forward": mixed_forward})
     objective.collator(tokenizer, None, max_length=MAX_LENGTH, template="plain")
     objective.setup(model, SimpleNamespace(device=torch.device("cpu")))
     model.train()
@@ -102,6 +109,9 @@ def builders(sharing: str, same_shape: bool) -> dict:
     if same_shape:
         length = collated["mixed"]["input_ids"].shape[1]
         collated = {side: pad_to(batch, length, tokenizer.pad_token_id) for side, batch in collated.items()}
+        # every position attended: no side has padding to drop, so blocks run the same 16 x T tokens as routing
+        collated = {side: {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}
+                    for side, batch in collated.items()}
 
     def stepper(side: str):
         def step() -> None:

@@ -126,6 +126,55 @@ def test_per_row_routing_equals_each_row_alone(method, options, b_rank, chains):
         torch.testing.assert_close(grad, model.get_parameter(name).grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("sharing", ["hard", "per_task", "hierarchical"])
+def test_mixed_batch_in_task_blocks_equals_one_routed_forward(backbone, records, sharing):
+    """``mixed_forward: blocks`` (a forward per task block, each cut to its own longest row) gives the
+    routed forward's per-task losses, combined loss and gradients; rows scattered over tasks fall back."""
+    from tunelab.multitask.collate import block_batch, task_blocks
+
+    base, tokenizer = backbone
+    model = copy.deepcopy(base)
+    tuners.apply(model, "lora", r=4, target_modules="all-linear")
+    losses, grads = {}, {}
+    # records grouped by task, as the sampler orders a mixed batch: qa rows are long, domain rows short
+    batch_records = [r for task in ("qa", "domain_classification", "ner", "extractive_qa")
+                     for r in records if r["task"] == task][::4]
+    for mode in ("routed", "blocks"):
+        objective = MultitaskObjective(tasks=TASKS, sharing=sharing, switching="example", mixed_forward=mode)
+        objective.collator(tokenizer, None, max_length=96, template="plain")
+        torch.manual_seed(0)
+        objective.setup(model, mock.Mock(device=torch.device("cpu")))
+        if mode == "routed":
+            with torch.no_grad():  # adapters start as no-ops; make each one different
+                for parameter in model.parameters():
+                    if parameter.requires_grad:
+                        parameter.add_(0.1 * torch.randn_like(parameter))
+            heads_state = copy.deepcopy(objective.heads.state_dict())
+        objective.heads.load_state_dict(heads_state)
+        model.zero_grad()
+        objective.heads.zero_grad()
+        batch = objective.collate_fn(batch_records)
+        with mock.patch.object(MultitaskObjective, "_forward_blocks", autospec=True,
+                               side_effect=MultitaskObjective._forward_blocks) as blocked:
+            out = objective.loss(model, batch)
+        assert blocked.called == (mode == "blocks")
+        out.loss.backward()
+        losses[mode] = {k: v for k, v in out.metrics.items() if k.startswith("loss/")} | {"loss": float(out.loss.detach())}
+        grads[mode] = {n: p.grad.clone() for n, p in [*model.named_parameters(), *objective.heads.named_parameters()]
+                       if p.grad is not None}
+    assert losses["blocks"] == pytest.approx(losses["routed"], rel=1e-5, abs=1e-6)
+    assert grads["blocks"].keys() == grads["routed"].keys() and grads["routed"]
+    for name, grad in grads["routed"].items():
+        torch.testing.assert_close(grads["blocks"][name], grad, atol=1e-5, rtol=1e-4)
+
+    blocks = task_blocks(batch["tasks"])
+    assert [b[0] for b in blocks] == ["qa", "domain", "ner", "extractive_qa"]
+    short = block_batch(batch, *blocks[1])  # the domain rows: shorter than the qa rows they were padded to
+    assert short["input_ids"].shape[1] < batch["input_ids"].shape[1]
+    assert short["attention_mask"][:, -1].any() and short["labels"].keys() == {"domain"}
+    assert task_blocks(["a", "b", "a"]) is None  # scattered: the routed forward runs
+
+
 def test_sampler_resumes_exactly(records):
     objective = MultitaskObjective(tasks=TASKS, sampling="annealed", switching="example")
     config = type("C", (), {"batch_size": 4, "seed": 3, "max_steps": 20, "grad_accum": 1})()

@@ -139,3 +139,50 @@ class MultitaskCollator:
         if token_type_ids is not None:
             batch["token_type_ids"] = token_type_ids
         return batch
+
+
+def task_blocks(names: Sequence[str]) -> list[tuple[str, int, int]] | None:
+    """``[(task, start, stop)]`` when each task's rows form one contiguous block (the multi-task sampler
+    orders a mixed batch by task); None when a task's rows are scattered."""
+    blocks: list[tuple[str, int, int]] = []
+    for row, name in enumerate(names):
+        if blocks and blocks[-1][0] == name:
+            blocks[-1] = (name, blocks[-1][1], row + 1)
+        elif any(block[0] == name for block in blocks):
+            return None
+        else:
+            blocks.append((name, row, row + 1))
+    return blocks
+
+
+def block_batch(batch: dict[str, Any], task: str, start: int, stop: int) -> dict[str, Any]:
+    """Rows ``start:stop`` of a mixed batch (all of ``task``'s rows), cut to the block's own longest row.
+
+    Columns where every row of the block is padding are dropped (right padding: the trailing ones), so a
+    block of short rows no longer pays for the batch's longest task. Exact: with right padding, dropped
+    positions are keys every kept query masks out and labels that are ignored (-100).
+    """
+    mask = batch["attention_mask"][start:stop]  # (n, T)
+    used = mask.any(0).nonzero()
+    width = int(used.max()) + 1 if used.numel() else mask.shape[1]
+    length = batch["attention_mask"].shape[1]
+    size = len(batch["tasks"])
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == size:
+            value = value[start:stop]
+            return value[:, :width] if value.dim() >= 2 and value.shape[1] == length else value
+        if isinstance(value, list) and len(value) == size:
+            return value[start:stop]
+        return value
+
+    out = {key: cut(value) for key, value in batch.items() if key != "labels"}
+    labels = batch.get("labels")
+    if isinstance(labels, dict):
+        own = labels.get(task)  # already this task's rows
+        if isinstance(own, torch.Tensor) and own.dim() >= 2 and own.shape[1] == length:
+            own = own[:, :width]
+        out["labels"] = {task: own} if own is not None else {}
+    elif labels is not None:
+        out["labels"] = cut(labels)
+    return out

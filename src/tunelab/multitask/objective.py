@@ -43,10 +43,10 @@ from torch import nn
 
 from tunelab import tuners
 from tunelab.errors import ConfigError, DataError, ModelError
-from tunelab.models.heads import HEADS_CONFIG, TaskHeads, save_heads
+from tunelab.models.heads import HEADS_CONFIG, HeadOutput, TaskHeads, save_heads
 from tunelab.models.heads import load_heads as read_heads
 from tunelab.multitask import sharing as sharing_lib
-from tunelab.multitask.collate import MultitaskCollator, task_collator
+from tunelab.multitask.collate import MultitaskCollator, block_batch, task_blocks, task_collator
 from tunelab.multitask.evaluate import evaluate_generation, evaluate_head_task
 from tunelab.multitask.routing import row_adapters
 from tunelab.multitask.tasks import TaskSpec, check_unique, group_records
@@ -79,6 +79,11 @@ class MultitaskOptions(ObjectiveConfig):
                                           "One task = its single-task baseline; new tasks only = adding tasks.")
     freeze_shared: bool = Field(False, description="Freeze the shared backbone/adapter (e.g. when adding a task).")
     head_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before each head's projection.")
+    mixed_forward: Literal["blocks", "routed"] = Field(
+        "blocks", description="How a mixed batch runs (switching: example). blocks: one forward per task block "
+        "(the sampler orders rows by task), each cut to its own longest row; routed: one forward of the whole "
+        "batch, adapters routed per row. Same losses and gradients; blocks falls back to routed when a task's "
+        "rows are scattered or under DDP.")
 
     @model_validator(mode="after")
     def _check(self) -> MultitaskOptions:
@@ -177,11 +182,37 @@ class MultitaskObjective(BaseObjective):
         unique = list(dict.fromkeys(names))
         chains = {name: self.chain(inner, name) for name in unique}
         task = unique[0] if len(unique) == 1 else names
+        blocks = task_blocks(names) if len(unique) > 1 and self.config.mixed_forward == "blocks" else None
+        if blocks and inner is model and isinstance(batch.get("attention_mask"), torch.Tensor):
+            return self._forward_blocks(model, heads, batch, blocks)
         if len({tuple(c) for c in chains.values()}) == 1:
             self.activate(inner, unique[0])
             return heads(model, batch, task=task)
         with row_adapters(inner, [chains[name] for name in names]):
             return heads(model, batch, task=task)
+
+    def _forward_blocks(self, model: nn.Module, heads: TaskHeads, batch: dict[str, Any],
+                        blocks: list[tuple[str, int, int]]) -> HeadOutput:
+        """A mixed batch as one forward per task block ``rows start:stop``, with the task's adapters active
+        and the block cut to its own longest row (:func:`~tunelab.multitask.collate.block_batch`):
+
+            L_t = loss of task t's head on block t          (as in one routed forward of the whole batch)
+            loss = Σ_t n_t L_t / Σ_t n_t
+
+        The same arithmetic as routing each row (per-row adapters, per-task heads and losses; one backward
+        and one optimizer step over all blocks), without padding short rows to the batch's longest task
+        and without per-row routing inside the layers. ``hidden_states`` is None (blocks differ in length).
+        """
+        logits, losses, rows = {}, {}, {}
+        for name, start, stop in blocks:
+            self.activate(model, name)
+            out = heads(model, block_batch(batch, name, start, stop), task=name)
+            logits[name], rows[name] = out.logits, torch.arange(start, stop, device=out.logits.device)
+            if name in out.losses:
+                losses[name] = out.losses[name]
+        counts = {name: len(rows[name]) for name in losses}
+        loss = sum(counts[name] * losses[name] for name in losses) / sum(counts.values()) if losses else None
+        return HeadOutput(logits=logits, loss=loss, losses=losses, rows=rows, hidden_states=None)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         out = self.forward(model, batch)
