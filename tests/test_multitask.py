@@ -12,7 +12,7 @@ import torch
 
 from tunelab import tuners
 from tunelab.data import synthetic
-from tunelab.errors import ConfigError, ModelError
+from tunelab.errors import ConfigError, MethodError, ModelError
 from tunelab.experiments import registry
 from tunelab.models import testing, tiny
 from tunelab.multitask import (
@@ -173,6 +173,37 @@ def test_mixed_batch_in_task_blocks_equals_one_routed_forward(backbone, records,
     assert short["input_ids"].shape[1] < batch["input_ids"].shape[1]
     assert short["attention_mask"][:, -1].any() and short["labels"].keys() == {"domain"}
     assert task_blocks(["a", "b", "a"]) is None  # scattered: the routed forward runs
+
+
+def test_prompt_tuning_per_task_trains_on_mixed_batches_through_blocks(backbone, records):
+    """Per-row routing refuses prompt methods (they change the sequence); blocks run each task's own
+    prompt, so each task's loss in a mixed batch is its loss on its rows alone (equal weighting: their mean)."""
+    base, tokenizer = backbone
+    model = copy.deepcopy(base)
+    tuners.apply(model, "prompt_tuning", num_virtual_tokens=4)
+    tasks = TASKS[:2]
+    objective = MultitaskObjective(tasks=tasks, sharing="per_task", switching="example")
+    objective.collator(tokenizer, None, max_length=96, template="plain")
+    objective.setup(model, mock.Mock(device=torch.device("cpu")))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    qa = [r for r in records if r["task"] == "qa"][:3]
+    domain = [r for r in records if r["task"] == "domain_classification"][:2]
+    model.eval()  # no dropout: the two computations must agree
+    mixed = objective.loss(model, objective.collate_fn(qa + domain))
+    mixed.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.requires_grad)
+    alone = {name: objective.loss(model, objective.collate_fn(rows)).loss.detach()
+             for name, rows in (("qa", qa), ("domain", domain))}
+    assert mixed.metrics["loss/qa"] == pytest.approx(float(alone["qa"]), rel=1e-5)
+    assert mixed.metrics["loss/domain"] == pytest.approx(float(alone["domain"]), rel=1e-5)
+    torch.testing.assert_close(mixed.loss.detach(), (alone["qa"] + alone["domain"]) / 2)
+    objective_routed = MultitaskObjective(tasks=tasks, sharing="per_task", switching="example", mixed_forward="routed")
+    objective_routed.collator(tokenizer, None, max_length=96, template="plain")
+    with pytest.raises(MethodError, match="switching: batch"):
+        objective_routed.loss(model, objective_routed.collate_fn(qa + domain))
 
 
 def test_sampler_resumes_exactly(records):

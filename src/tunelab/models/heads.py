@@ -88,6 +88,14 @@ class HeadOutput:
         return [by_row[row] for row in sorted(by_row)]
 
 
+def row_weighted_loss(losses: Mapping[str, torch.Tensor], rows: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """``Σ_t n_t L_t / Σ_t n_t`` over the tasks with a loss (``n_t`` = len(rows[t])); None without any."""
+    if not losses:
+        return None
+    counts = {name: len(rows[name]) for name in losses}
+    return sum(counts[name] * losses[name] for name in losses) / sum(counts.values())
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, T, H) -> (B, H): the ``last`` or ``first`` unmasked token, or the masked ``mean``."""
     mask = attention_mask.to(hidden.device)  # (B, T)
@@ -363,8 +371,7 @@ class TaskHeads(nn.Module):
             labels = self._labels(batch, name, head.spec.kind, rows, whole)
             if labels is not None:
                 losses[name] = head.loss(logits[name], labels.to(logits[name].device), take(mask))
-        counts = {name: len(groups[name]) for name in losses}
-        loss = sum(counts[name] * losses[name] for name in losses) / sum(counts.values()) if losses else None
+        loss = row_weighted_loss(losses, groups)
         single = isinstance(names, str)
         return HeadOutput(logits=logits[names] if single else logits, loss=loss, losses=losses, rows=groups,
                           hidden_states=hidden)

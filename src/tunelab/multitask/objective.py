@@ -43,7 +43,7 @@ from torch import nn
 
 from tunelab import tuners
 from tunelab.errors import ConfigError, DataError, ModelError
-from tunelab.models.heads import HEADS_CONFIG, HeadOutput, TaskHeads, save_heads
+from tunelab.models.heads import HEADS_CONFIG, HeadOutput, TaskHeads, row_weighted_loss, save_heads
 from tunelab.models.heads import load_heads as read_heads
 from tunelab.multitask import sharing as sharing_lib
 from tunelab.multitask.collate import MultitaskCollator, block_batch, task_blocks, task_collator
@@ -210,9 +210,8 @@ class MultitaskObjective(BaseObjective):
             logits[name], rows[name] = out.logits, torch.arange(start, stop, device=out.logits.device)
             if name in out.losses:
                 losses[name] = out.losses[name]
-        counts = {name: len(rows[name]) for name in losses}
-        loss = sum(counts[name] * losses[name] for name in losses) / sum(counts.values()) if losses else None
-        return HeadOutput(logits=logits, loss=loss, losses=losses, rows=rows, hidden_states=None)
+        return HeadOutput(logits=logits, loss=row_weighted_loss(losses, rows), losses=losses, rows=rows,
+                          hidden_states=None)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         out = self.forward(model, batch)
