@@ -11,9 +11,11 @@ urgency on their own heads; ``max_length`` 160), one optimizer step is timed on
 with both sharing modes that route differently: ``hard`` (one adapter, only the heads differ per row)
 and ``per_task`` (one adapter per task, chosen per row inside the batch), the latter also with
 ``lora_dropout`` 0.1 (``per_task+dropout``: dropout rules out stacking the adapters' factors), and each
-with both ways of running a mixed batch: ``mixed_forward: blocks`` (the default: one forward per task
+with both ways of running a mixed batch: ``+blocks`` (``mixed_forward: blocks``: one forward per task
 block, each cut to its own longest row) and ``+routed`` (one forward of the whole batch, adapters routed
-per row inside every layer). Two comparisons:
+per row inside every layer). The default, ``auto``, runs one of the two per batch (blocks when they
+drop at least 15% of the padded positions); the last column says which, for each row's mixed batch.
+Two comparisons:
 
 - **same shape** (the target): every batch padded to the mixed batch's length (16 × T) with every
   position attended (attention mask all ones, so no side has padding to drop), so the ratio
@@ -50,9 +52,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("summarization", "ner", "extractive_qa", "urgency")
 GROUPS = {"summarization": "generation", "ner": "understanding", "extractive_qa": "understanding", "urgency": "understanding"}
 BATCH, MAX_LENGTH, TARGET = 16, 160, 1.15
-# sharing[+dropout][+routed]: +dropout = lora_dropout 0.1; +routed = mixed_forward: routed (one forward, adapters
-# routed per row) instead of the default blocks (one forward per task block, each cut to its own longest row)
-SHARING = ("hard", "hard+routed", "per_task", "per_task+routed", "per_task+dropout", "per_task+dropout+routed")
+# sharing[+dropout]+blocks|+routed: +dropout = lora_dropout 0.1; +blocks = mixed_forward: blocks (one forward per
+# task block, each cut to its own longest row), +routed = mixed_forward: routed (one forward, adapters routed per
+# row). The default, auto, is one of the two per batch; each row records which one it would run.
+SHARING = ("hard+blocks", "hard+routed", "per_task+blocks", "per_task+routed",
+           "per_task+dropout+blocks", "per_task+dropout+routed")
 SHAPES = ("same", "natural")
 
 
@@ -80,12 +84,14 @@ def builders(sharing: str, same_shape: bool) -> dict:
     """``side -> builder``: one model, objective and optimizer shared by every side; each side its batch."""
     sharing, *variants = sharing.split("+")
     dropout = 0.1 if "dropout" in variants else 0.0
-    mixed_forward = "routed" if "routed" in variants else "blocks"
+    mixed_forward = "routed" if "routed" in variants else "blocks" if "blocks" in variants else "auto"
     from tunelab.data import synthetic
     from tunelab.experiments import registry
     from tunelab.experiments.preflight import apply_method
     from tunelab.experiments.spec import MethodSpec
     from tunelab.models import zoo
+    from tunelab.multitask.collate import block_positions, task_blocks
+    from tunelab.multitask.objective import BLOCKS_PAY
 
     torch.manual_seed(0)
     model, tokenizer = zoo.load("tiny-llama", progress=False)
@@ -120,11 +126,15 @@ def builders(sharing: str, same_shape: bool) -> dict:
             optimizer.zero_grad(set_to_none=True)
         return step
 
-    return {side: (lambda side=side: stepper(side)) for side in batches}
+    mixed = collated["mixed"]
+    whole = mixed["attention_mask"].numel()
+    auto = "blocks" if block_positions(mixed, task_blocks(mixed["tasks"])) <= BLOCKS_PAY * whole else "routed"
+    return {side: (lambda side=side: stepper(side)) for side in batches}, auto
 
 
-def one_round(sharing: str, same_shape: bool, order: list[str], steps: int) -> dict[str, float]:
-    return time_round(builders(sharing, same_shape), order, steps)
+def one_round(sharing: str, same_shape: bool, order: list[str], steps: int) -> dict[str, float | str]:
+    sides, auto = builders(sharing, same_shape)
+    return {**time_round(sides, order, steps), "auto": auto}
 
 
 def measure(rounds: int, steps: int, threads: int) -> dict:
@@ -137,13 +147,14 @@ def measure(rounds: int, steps: int, threads: int) -> dict:
             command = python_command(__file__, "--round", sharing, "--shape", shape, "--order", ",".join(order),
                                      "--steps", str(steps), "--threads", str(threads))
             times = run_json(command)
+            auto = times.pop("auto")  # what mixed_forward: auto runs on this mixed batch
             singles = [times[f"single:{name}"] for name in TASKS]
             ratios.append(times["mixed"] / statistics.mean(singles))
             slowest.append(times["mixed"] / max(singles))
             medians.append(times)
         step_ms = {side: 1000 * statistics.median(m[side] for m in medians) for side in medians[0]}
         results[f"{sharing}/{shape}"] = {"sharing": sharing, "shape": shape, "ratio_vs_mean_single": statistics.median(ratios), "round_ratios": ratios,
-                            "ratio_vs_slowest_single": statistics.median(slowest), "step_ms": step_ms,
+                            "ratio_vs_slowest_single": statistics.median(slowest), "step_ms": step_ms, "auto_runs": auto,
                             "meets_target": statistics.median(ratios) <= TARGET if shape == "same" else None}
     return results
 
@@ -160,14 +171,14 @@ def write(results: dict, rounds: int, steps: int, threads: int) -> None:
              f"{threads} thread(s), torch {torch.__version__}; median over {rounds} rounds of {steps} "
              f"alternating steps per side (`python benchmarks/multitask_step_time.py`).", "",
              "| sharing | padding | mixed step (ms) | " + " | ".join(f"{t} step (ms)" for t in TASKS)
-             + " | mixed / mean single | mixed / slowest single | rounds | ≤ target |",
-             "|---|---|---:|" + "---:|" * len(TASKS) + "---:|---:|---|---|"]
+             + " | mixed / mean single | mixed / slowest single | rounds | ≤ target | auto runs |",
+             "|---|---|---:|" + "---:|" * len(TASKS) + "---:|---:|---|---|---|"]
     for result in results.values():
         ms, meets = result["step_ms"], {True: "yes", False: "no", None: "–"}[result["meets_target"]]
         lines.append(f"| {result['sharing']} | {result['shape']} | {ms['mixed']:.0f} | " + " | ".join(f"{ms[f'single:{t}']:.0f}" for t in TASKS)
                      + f" | **{result['ratio_vs_mean_single']:.3f}** | {result['ratio_vs_slowest_single']:.3f} | "
                      + ", ".join(f"{r:.3f}" for r in result["round_ratios"])
-                     + f" | {meets} |")
+                     + f" | {meets} | {result['auto_runs']} |")
     (RESULTS / "multitask_step_time.md").write_text("\n".join(lines) + "\n")
 
 

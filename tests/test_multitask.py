@@ -174,6 +174,18 @@ def test_mixed_batch_in_task_blocks_equals_one_routed_forward(backbone, records,
     assert short["attention_mask"][:, -1].any() and short["labels"].keys() == {"domain"}
     assert task_blocks(["a", "b", "a"]) is None  # scattered: the routed forward runs
 
+    # auto: blocks when they drop >= 15% of the B x T positions (here: short rows padded to the qa rows),
+    # the routed forward when there is no padding to drop
+    auto = MultitaskObjective(tasks=TASKS, sharing=sharing, switching="example")
+    auto.collator(tokenizer, None, max_length=96, template="plain")
+    auto.setup(model, mock.Mock(device=torch.device("cpu")))
+    unpadded = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}
+    for case, expected in ((batch, True), (unpadded, False)):
+        with mock.patch.object(MultitaskObjective, "_forward_blocks", autospec=True,
+                               side_effect=MultitaskObjective._forward_blocks) as blocked:
+            auto.loss(model, case)
+        assert blocked.called == expected
+
 
 def test_prompt_tuning_per_task_trains_on_mixed_batches_through_blocks(backbone, records):
     """Per-row routing refuses prompt methods (they change the sequence); blocks run each task's own

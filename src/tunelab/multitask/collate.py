@@ -155,6 +155,18 @@ def task_blocks(names: Sequence[str]) -> list[tuple[str, int, int]] | None:
     return blocks
 
 
+def block_width(mask: torch.Tensor) -> int:
+    """Columns up to the last one any row of ``mask`` (n, T) attends (right padding: its longest row)."""
+    used = mask.any(0).nonzero()
+    return int(used.max()) + 1 if used.numel() else mask.shape[1]
+
+
+def block_positions(batch: dict[str, Any], blocks: list[tuple[str, int, int]]) -> int:
+    """``Σ_t n_t × width_t``: the token positions the task blocks run, against ``B × T`` for one forward."""
+    mask = batch["attention_mask"]
+    return sum((stop - start) * block_width(mask[start:stop]) for _, start, stop in blocks)
+
+
 def block_batch(batch: dict[str, Any], task: str, start: int, stop: int) -> dict[str, Any]:
     """Rows ``start:stop`` of a mixed batch (all of ``task``'s rows), cut to the block's own longest row.
 
@@ -162,9 +174,7 @@ def block_batch(batch: dict[str, Any], task: str, start: int, stop: int) -> dict
     block of short rows no longer pays for the batch's longest task. Exact: with right padding, dropped
     positions are keys every kept query masks out and labels that are ignored (-100).
     """
-    mask = batch["attention_mask"][start:stop]  # (n, T)
-    used = mask.any(0).nonzero()
-    width = int(used.max()) + 1 if used.numel() else mask.shape[1]
+    width = block_width(batch["attention_mask"][start:stop])  # of the block's (n, T) mask
     length = batch["attention_mask"].shape[1]
     size = len(batch["tasks"])
 

@@ -46,15 +46,25 @@ from tunelab.errors import ConfigError, DataError, ModelError
 from tunelab.models.heads import HEADS_CONFIG, HeadOutput, TaskHeads, row_weighted_loss, save_heads
 from tunelab.models.heads import load_heads as read_heads
 from tunelab.multitask import sharing as sharing_lib
-from tunelab.multitask.collate import MultitaskCollator, block_batch, task_blocks, task_collator
+from tunelab.multitask.collate import (
+    MultitaskCollator,
+    block_batch,
+    block_positions,
+    task_blocks,
+    task_collator,
+)
 from tunelab.multitask.evaluate import evaluate_generation, evaluate_head_task
-from tunelab.multitask.routing import row_adapters
+from tunelab.multitask.routing import routable, row_adapters
 from tunelab.multitask.tasks import TaskSpec, check_unique, group_records
 from tunelab.multitask.weighting import build_weighting, check_weighting
 from tunelab.train.objective import BaseObjective, LossOutput, ObjectiveConfig
 from tunelab.train.samplers import GROUP_STRATEGIES, GroupSampler
 from tunelab.utils import atomic_write_json
 
+# mixed_forward: auto runs task blocks when they hold at most this share of the batch's B x T positions:
+# below ~10% savings the extra forwards of small blocks cost about what the padding does
+# (benchmarks/multitask_step_time.py: blocks 1.15x vs routed 1.04x at equal lengths with hard sharing)
+BLOCKS_PAY = 0.85
 HEADS_ATTRIBUTE = "_tunelab_multitask_heads"
 HEADS_FOLDER = "heads"  # beside the adapters: heads.safetensors + heads.json (tunelab.models.heads) + OPTIONS_FILE
 OPTIONS_FILE = "multitask.json"
@@ -79,11 +89,12 @@ class MultitaskOptions(ObjectiveConfig):
                                           "One task = its single-task baseline; new tasks only = adding tasks.")
     freeze_shared: bool = Field(False, description="Freeze the shared backbone/adapter (e.g. when adding a task).")
     head_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before each head's projection.")
-    mixed_forward: Literal["blocks", "routed"] = Field(
-        "blocks", description="How a mixed batch runs (switching: example). blocks: one forward per task block "
+    mixed_forward: Literal["auto", "blocks", "routed"] = Field(
+        "auto", description="How a mixed batch runs (switching: example). blocks: one forward per task block "
         "(the sampler orders rows by task), each cut to its own longest row; routed: one forward of the whole "
-        "batch, adapters routed per row. Same losses and gradients; blocks falls back to routed when a task's "
-        "rows are scattered or under DDP.")
+        "batch, adapters routed per row; auto: blocks when that drops at least 15% of the batch's padded "
+        "positions or the adapters cannot be routed (prompt methods), else routed. Same losses and gradients; "
+        "blocks falls back to routed when a task's rows are scattered or under DDP.")
 
     @model_validator(mode="after")
     def _check(self) -> MultitaskOptions:
@@ -182,9 +193,12 @@ class MultitaskObjective(BaseObjective):
         unique = list(dict.fromkeys(names))
         chains = {name: self.chain(inner, name) for name in unique}
         task = unique[0] if len(unique) == 1 else names
-        blocks = task_blocks(names) if len(unique) > 1 and self.config.mixed_forward == "blocks" else None
+        mode = self.config.mixed_forward
+        blocks = task_blocks(names) if len(unique) > 1 and mode != "routed" else None
         if blocks and inner is model and isinstance(batch.get("attention_mask"), torch.Tensor):
-            return self._forward_blocks(model, heads, batch, blocks)
+            whole = len(names) * batch["attention_mask"].shape[1]  # B x T positions of one forward
+            if mode == "blocks" or not routable(inner) or block_positions(batch, blocks) <= BLOCKS_PAY * whole:
+                return self._forward_blocks(model, heads, batch, blocks)
         if len({tuple(c) for c in chains.values()}) == 1:
             self.activate(inner, unique[0])
             return heads(model, batch, task=task)

@@ -208,6 +208,12 @@ def _route(layer: nn.Module, groups: dict, batch_size: int, original):
 ROW_WISE_REFUSED = ("PromptLearningLayer", "PromptLayer")  # prompt methods change the sequence, not rows
 
 
+def routable(model: nn.Module) -> bool:
+    """Whether :func:`row_adapters` can route ``model``'s adapter layers (False for prompt methods)."""
+    return not any(any(k.__name__ in ROW_WISE_REFUSED for k in type(layer).__mro__)
+                   for _, layer in tuners.tuner_layers(model))
+
+
 @contextmanager
 def row_adapters(model: nn.Module, chains: Sequence[Sequence[str]]) -> Iterator[nn.Module]:
     """Within the block, row ``b`` of the model's input runs the adapters ``chains[b]`` (see module doc).
