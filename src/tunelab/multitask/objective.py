@@ -63,7 +63,7 @@ from tunelab.utils import atomic_write_json
 
 # mixed_forward: auto runs task blocks when they hold at most this share of the batch's B x T positions:
 # below ~10% savings the extra forwards of small blocks cost about what the padding does
-# (benchmarks/multitask_step_time.py: blocks 1.15x vs routed 1.04x at equal lengths with hard sharing)
+# (benchmarks/multitask_step_time.py: blocks 1.12-1.15x vs routed 1.04x at equal lengths with hard sharing)
 BLOCKS_PAY = 0.85
 HEADS_ATTRIBUTE = "_tunelab_multitask_heads"
 HEADS_FOLDER = "heads"  # beside the adapters: heads.safetensors + heads.json (tunelab.models.heads) + OPTIONS_FILE
