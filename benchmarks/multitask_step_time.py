@@ -90,8 +90,8 @@ def builders(sharing: str, same_shape: bool) -> dict:
     from tunelab.experiments.preflight import apply_method
     from tunelab.experiments.spec import MethodSpec
     from tunelab.models import zoo
-    from tunelab.multitask.collate import block_positions, task_blocks
-    from tunelab.multitask.objective import BLOCKS_PAY
+    from tunelab.multitask.collate import block_widths, task_blocks
+    from tunelab.multitask.objective import blocks_pay
 
     torch.manual_seed(0)
     model, tokenizer = zoo.load("tiny-llama", progress=False)
@@ -127,8 +127,8 @@ def builders(sharing: str, same_shape: bool) -> dict:
         return step
 
     mixed = collated["mixed"]
-    whole = mixed["attention_mask"].numel()
-    auto = "blocks" if block_positions(mixed, task_blocks(mixed["tasks"])) <= BLOCKS_PAY * whole else "routed"
+    blocks = task_blocks(mixed["tasks"])
+    auto = "blocks" if blocks_pay(mixed, blocks, block_widths(mixed, blocks)) else "routed"
     return {side: (lambda side=side: stepper(side)) for side in batches}, auto
 
 

@@ -15,6 +15,7 @@ truncation point at position 0, the "no answer" position.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from tunelab.data.collate import (
     pad_token_id,
 )
 from tunelab.errors import DataError
+from tunelab.multitask.routing import chain_groups, contiguous_sizes
 from tunelab.multitask.tasks import TaskSpec, task_of
 
 PER_TOKEN = ("generation", "token_classification")
@@ -144,37 +146,33 @@ class MultitaskCollator:
 def task_blocks(names: Sequence[str]) -> list[tuple[str, int, int]] | None:
     """``[(task, start, stop)]`` when each task's rows form one contiguous block (the multi-task sampler
     orders a mixed batch by task); None when a task's rows are scattered."""
-    blocks: list[tuple[str, int, int]] = []
-    for row, name in enumerate(names):
-        if blocks and blocks[-1][0] == name:
-            blocks[-1] = (name, blocks[-1][1], row + 1)
-        elif any(block[0] == name for block in blocks):
-            return None
-        else:
-            blocks.append((name, row, row + 1))
-    return blocks
+    groups = chain_groups([[name] for name in names])  # {(task,): rows}, first-appearance order
+    sizes = contiguous_sizes(groups, len(names))
+    if sizes is None:
+        return None
+    ends = itertools.accumulate(sizes)
+    return [(chain[0], end - size, end) for chain, size, end in zip(groups, sizes, ends, strict=True)]
 
 
-def block_width(mask: torch.Tensor) -> int:
-    """Columns up to the last one any row of ``mask`` (n, T) attends (right padding: its longest row)."""
-    used = mask.any(0).nonzero()
-    return int(used.max()) + 1 if used.numel() else mask.shape[1]
+def block_widths(batch: dict[str, Any], blocks: list[tuple[str, int, int]]) -> list[int]:
+    """Each block's columns up to the last one any of its rows attends (right padding: its longest row)."""
+    widths = []
+    for _, start, stop in blocks:
+        used = batch["attention_mask"][start:stop].any(0).nonzero()  # of the block's (n, T) mask
+        widths.append(int(used.max()) + 1 if used.numel() else batch["attention_mask"].shape[1])
+    return widths
 
 
-def block_positions(batch: dict[str, Any], blocks: list[tuple[str, int, int]]) -> int:
-    """``Σ_t n_t × width_t``: the token positions the task blocks run, against ``B × T`` for one forward."""
-    mask = batch["attention_mask"]
-    return sum((stop - start) * block_width(mask[start:stop]) for _, start, stop in blocks)
-
-
-def block_batch(batch: dict[str, Any], task: str, start: int, stop: int) -> dict[str, Any]:
-    """Rows ``start:stop`` of a mixed batch (all of ``task``'s rows), cut to the block's own longest row.
+def block_batch(batch: dict[str, Any], task: str, start: int, stop: int, width: int | None = None) -> dict[str, Any]:
+    """Rows ``start:stop`` of a mixed batch (all of ``task``'s rows), cut to the block's own longest row
+    (``width``, from :func:`block_widths`; computed here when not given).
 
     Columns where every row of the block is padding are dropped (right padding: the trailing ones), so a
     block of short rows no longer pays for the batch's longest task. Exact: with right padding, dropped
     positions are keys every kept query masks out and labels that are ignored (-100).
     """
-    width = block_width(batch["attention_mask"][start:stop])  # of the block's (n, T) mask
+    if width is None:
+        width = block_widths(batch, [(task, start, stop)])[0]
     length = batch["attention_mask"].shape[1]
     size = len(batch["tasks"])
 

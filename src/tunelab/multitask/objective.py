@@ -49,7 +49,7 @@ from tunelab.multitask import sharing as sharing_lib
 from tunelab.multitask.collate import (
     MultitaskCollator,
     block_batch,
-    block_positions,
+    block_widths,
     task_blocks,
     task_collator,
 )
@@ -65,6 +65,14 @@ from tunelab.utils import atomic_write_json
 # below ~10% savings the extra forwards of small blocks cost about what the padding does
 # (benchmarks/multitask_step_time.py: blocks 1.12-1.15x vs routed 1.04x at equal lengths with hard sharing)
 BLOCKS_PAY = 0.85
+
+
+def blocks_pay(batch: dict[str, Any], blocks: list[tuple[str, int, int]], widths: list[int]) -> bool:
+    """``mixed_forward: auto``'s test: the task blocks run ``Σ_t n_t × width_t`` positions, at most
+    ``BLOCKS_PAY`` of the ``B × T`` of one forward of the whole batch."""
+    positions = sum((stop - start) * width for (_, start, stop), width in zip(blocks, widths, strict=True))
+    return positions <= BLOCKS_PAY * batch["attention_mask"].numel()
+
 HEADS_ATTRIBUTE = "_tunelab_multitask_heads"
 HEADS_FOLDER = "heads"  # beside the adapters: heads.safetensors + heads.json (tunelab.models.heads) + OPTIONS_FILE
 OPTIONS_FILE = "multitask.json"
@@ -196,9 +204,9 @@ class MultitaskObjective(BaseObjective):
         mode = self.config.mixed_forward
         blocks = task_blocks(names) if len(unique) > 1 and mode != "routed" else None
         if blocks and inner is model and isinstance(batch.get("attention_mask"), torch.Tensor):
-            whole = len(names) * batch["attention_mask"].shape[1]  # B x T positions of one forward
-            if mode == "blocks" or not routable(inner) or block_positions(batch, blocks) <= BLOCKS_PAY * whole:
-                return self._forward_blocks(model, heads, batch, blocks)
+            widths = block_widths(batch, blocks)
+            if mode == "blocks" or blocks_pay(batch, blocks, widths) or not routable(inner):
+                return self._forward_blocks(model, heads, batch, blocks, widths)
         if len({tuple(c) for c in chains.values()}) == 1:
             self.activate(inner, unique[0])
             return heads(model, batch, task=task)
@@ -206,7 +214,7 @@ class MultitaskObjective(BaseObjective):
             return heads(model, batch, task=task)
 
     def _forward_blocks(self, model: nn.Module, heads: TaskHeads, batch: dict[str, Any],
-                        blocks: list[tuple[str, int, int]]) -> HeadOutput:
+                        blocks: list[tuple[str, int, int]], widths: list[int]) -> HeadOutput:
         """A mixed batch as one forward per task block ``rows start:stop``, with the task's adapters active
         and the block cut to its own longest row (:func:`~tunelab.multitask.collate.block_batch`):
 
@@ -218,9 +226,9 @@ class MultitaskObjective(BaseObjective):
         and without per-row routing inside the layers. ``hidden_states`` is None (blocks differ in length).
         """
         logits, losses, rows = {}, {}, {}
-        for name, start, stop in blocks:
+        for (name, start, stop), width in zip(blocks, widths, strict=True):
             self.activate(model, name)
-            out = heads(model, block_batch(batch, name, start, stop), task=name)
+            out = heads(model, block_batch(batch, name, start, stop, width), task=name)
             logits[name], rows[name] = out.logits, torch.arange(start, stop, device=out.logits.device)
             if name in out.losses:
                 losses[name] = out.losses[name]

@@ -63,7 +63,7 @@ def _lora_forward(layer: nn.Module, groups: dict, x: torch.Tensor, *args, **kwar
     chains = {chain: [n for n in chain if n in layer.lora_A and n not in layer.merged_adapters] for chain in groups}
     if len(groups) > 1 and _stackable(layer, chains):
         return _lora_gathered(layer, groups, chains, x, result)
-    if len(groups) > 1 and (sizes := _contiguous(groups, x.shape[0])):
+    if len(groups) > 1 and (sizes := contiguous_sizes(groups, x.shape[0])):
         return _lora_split(layer, groups, chains, sizes, x, result)
     out = None  # one copy of the base output, whose rows each chain overwrites in place
     for chain, rows in groups.items():
@@ -94,7 +94,7 @@ def _lora_terms(layer: nn.Module, names: list[str], x_rows: torch.Tensor, part: 
     return part
 
 
-def _contiguous(groups: dict, batch: int) -> list[int] | None:
+def contiguous_sizes(groups: dict, batch: int) -> list[int] | None:
     """Row counts of the chains in order when each chain's rows are one block and the blocks tile the
     batch in first-appearance order (the multi-task sampler orders a mixed batch by task); else None."""
     sizes, start = [], 0
@@ -208,10 +208,13 @@ def _route(layer: nn.Module, groups: dict, batch_size: int, original):
 ROW_WISE_REFUSED = ("PromptLearningLayer", "PromptLayer")  # prompt methods change the sequence, not rows
 
 
+def _refused(layer: nn.Module) -> bool:
+    return any(k.__name__ in ROW_WISE_REFUSED for k in type(layer).__mro__)
+
+
 def routable(model: nn.Module) -> bool:
     """Whether :func:`row_adapters` can route ``model``'s adapter layers (False for prompt methods)."""
-    return not any(any(k.__name__ in ROW_WISE_REFUSED for k in type(layer).__mro__)
-                   for _, layer in tuners.tuner_layers(model))
+    return not any(_refused(layer) for _, layer in tuners.tuner_layers(model))
 
 
 @contextmanager
@@ -230,7 +233,7 @@ def row_adapters(model: nn.Module, chains: Sequence[Sequence[str]]) -> Iterator[
     patched = []
     try:
         for _, layer in tuners.tuner_layers(model):
-            if any(k.__name__ in ROW_WISE_REFUSED for k in type(layer).__mro__) or "forward" in vars(layer):
+            if _refused(layer) or "forward" in vars(layer):
                 raise MethodError(f"per-row adapter routing does not support {type(layer).__name__} layers; "
                                   "use switching: batch")
             layer.forward = _route(layer, groups, len(chains), type(layer).forward.__get__(layer))
