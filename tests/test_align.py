@@ -533,3 +533,29 @@ def test_a_run_resumed_after_its_reward_stage_gets_the_reward_model_back(tmp_pat
         ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
         scores.append(loaded.score(ids, torch.ones_like(ids)))
     assert torch.equal(scores[0], scores[1])
+
+
+def test_context_bonus_rewards_answers_copied_from_the_context(tokenizer, pairs):
+    """r = EM + b · [normalised answer is a run of whole words of the normalised context]."""
+    from tunelab.align.rollout import Rollout, in_context_rewards
+    from tunelab.errors import ConfigError
+
+    context = "The maker of Vexdex is Genant Pharma. Each tablet contains 250 mg."
+    texts = ["Genant Pharma", "250 mg\nextra", "Dexois Biotech", "Genant Pharm", ""]
+    contexts = [context] * 4 + [context]
+    # whole words only ("Genant Pharm" is not a span); the empty answer is never in context
+    assert in_context_rewards(texts, contexts).tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert in_context_rewards(["Genant Pharma"], [None]).tolist() == [0.0]
+    model = lora_model(tokenizer)
+    obj = setup(objective("grpo", tokenizer, context_bonus=0.5, max_new_tokens=4, check_reference=False), model)
+    rollout = Rollout.__new__(Rollout)
+    rollout.texts = texts[:3]
+    answers = ["Genant Pharma", "Genant Pharma", "Genant Pharma"]
+    assert obj.score(rollout, answers, contexts[:3]).tolist() == pytest.approx([1.5, 0.5, 0.0])
+    with pytest.raises(ConfigError, match="context_bonus needs records with a context"):
+        obj.score(rollout, answers, [None] * 3)
+    with pytest.raises(ConfigError, match="drop it with reward: model"):
+        objective("grpo", tokenizer, context_bonus=0.5, reward="model", reward_model="somewhere")
+    records = [{**p, "answer": p["chosen"], "context": p["prompt"]} for p in pairs[:3]]
+    scores = obj.evaluate(model, records)
+    assert 0.0 <= scores["in_context"] <= 1.0 and scores["score"] == scores["exact_match"]

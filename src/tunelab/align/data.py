@@ -155,6 +155,7 @@ class PromptCollator:
         return {
             "prompts": prompts,
             "answers": [_answer_or_none(r) for r in records],
+            "contexts": [r.get("context") if isinstance(r.get("context"), str) else None for r in records],
             "record_keys": [record_key(r) for r in records],
             # the prompts as tokens (right-padded): token counts and latency probes; rollouts re-encode
             "input_ids": pad_right(ids, pad_token_id(self.tokenizer)),

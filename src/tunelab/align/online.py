@@ -3,8 +3,9 @@
 Each optimizer step's ``loss()`` (1) samples completions for the batch's prompts from the policy,
 (2) scores them — the programmatic ground-truth reward (``reward: exact_match``, or its token F1,
 ``reward: token_f1``, against the built-in world's
-known answers) or a trained reward model (``reward: model``, ``reward_model: <dir>``), (3) returns
-the loss. A rollout is reused for ``num_iterations`` consecutive steps (TRL's ``num_iterations`` /
+known answers; ``context_bonus: b`` adds b when the answer is a span of the record's context, the
+extractive constraint, so that copying some span beats inventing a value) or a trained reward model
+(``reward: model``, ``reward_model: <dir>``), (3) returns the loss. A rollout is reused for ``num_iterations`` consecutive steps (TRL's ``num_iterations`` /
 PPO's epochs), which is when the clipped ratio π/π_old departs from 1 and clipping matters.
 
 GRPO (Shao et al. 2024, arXiv:2402.03300), G completions per prompt and no value model:
@@ -50,7 +51,14 @@ from tunelab.align.rl import (
     ppo_policy_loss,
     value_loss,
 )
-from tunelab.align.rollout import Rollout, exact_match_rewards, sample, token_f1_rewards, token_logps
+from tunelab.align.rollout import (
+    Rollout,
+    exact_match_rewards,
+    in_context_rewards,
+    sample,
+    token_f1_rewards,
+    token_logps,
+)
 from tunelab.errors import ConfigError
 from tunelab.models.heads import TaskHeads
 from tunelab.train.objective import BaseObjective, LossOutput
@@ -64,6 +72,9 @@ class OnlineOptions(ReferenceOptions):
         "exact_match", description="exact_match: 1 when the completion equals the record's known answer (built-in "
         "world); token_f1: its token F1 with that answer (partial credit, a denser signal); model: a trained "
         "reward model from reward_model.")
+    context_bonus: float = Field(0.0, ge=0, description="b > 0 adds b to the reward of a completion whose answer is a "
+        "span of the record's context (extractive QA: copying from the context instead of inventing a value), "
+        "on top of exact_match / token_f1. Shaping: the evaluation's score stays the exact match.")
     reward_model: str | None = Field(None, description="Directory written by the reward objective's save_dir.")
     reward_model_base: str | None = Field(None, description="Base model of the reward model, if not the saved one.")
     max_new_tokens: int = Field(24, gt=0, description="Completion budget per rollout.")
@@ -85,6 +96,8 @@ class _OnlineObjective(BaseObjective):
         if self.config.reference == "precomputed":
             raise ConfigError(f"{self.name}: reference precomputed does not apply to fresh rollouts; "
                               "use base or sft_adapter")
+        if self.config.reward == "model" and self.config.context_bonus:
+            raise ConfigError(f"{self.name}: context_bonus shapes a programmatic reward; drop it with reward: model")
         if self.config.reward == "model" and not self.config.reward_model:
             raise ConfigError(f"{self.name}: reward: model needs reward_model: <directory of a trained reward model>")
         self.reference = Reference(self.config.reference, self.config.reference_tolerance, self.config.check_reference)
@@ -113,14 +126,21 @@ class _OnlineObjective(BaseObjective):
         self.dropout.restore()  # disable_dropout is this stage's: later stages and the evaluation get it back
 
     # --- rollouts
-    def score(self, rollout: Rollout, answers: Sequence[str | None]) -> torch.Tensor:
+    def score(self, rollout: Rollout, answers: Sequence[str | None],
+              contexts: Sequence[str | None] | None = None) -> torch.Tensor:
+        """(N,) rewards of the rollout's completions: the reward model's, or the programmatic reward plus
+        ``context_bonus`` × [the answer is a span of the context] (``contexts``: one per completion)."""
         if self.scorer is not None:
             if getattr(self.scorer, "needs_completion_mask", False):  # a reward model with pooling: completion
                 return self.scorer.score(rollout.sequences, rollout.attention_mask, rollout.completion_mask).cpu()
             return self.scorer.score(rollout.sequences, rollout.attention_mask).cpu()
-        if self.config.reward == "token_f1":
-            return token_f1_rewards(rollout.texts, answers)
-        return exact_match_rewards(rollout.texts, answers)
+        reward = (token_f1_rewards if self.config.reward == "token_f1" else exact_match_rewards)(rollout.texts, answers)
+        if self.config.context_bonus:
+            if contexts is None or all(c is None for c in contexts):
+                raise ConfigError(f"{self.name}: context_bonus needs records with a context (extractive QA); "
+                                  "set context_bonus: 0 for these data")
+            reward = reward + self.config.context_bonus * in_context_rewards(rollout.texts, contexts)
+        return reward
 
     def rollout(self, model: nn.Module, batch: dict[str, Any], generations: int, temperature: float) -> Rollout:
         # sampling is rank-local (each process decodes its own prompts for as many steps as they need): the
@@ -143,7 +163,7 @@ class _OnlineObjective(BaseObjective):
 
     def eval_loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         rollout = self.rollout(model, batch, 1, 0.0)
-        reward = self.score(rollout, batch["answers"])
+        reward = self.score(rollout, batch["answers"], batch.get("contexts"))
         return LossOutput(-reward.mean().to(next(model.parameters()).device), {"reward": float(reward.mean())})
 
     @torch.no_grad()
@@ -152,27 +172,34 @@ class _OnlineObjective(BaseObjective):
         """Greedy completions of held-out prompts: mean reward (= exact match with ``exact_match``); with a
         reference, ``kl_ref`` — the held-out KL(π ‖ π_ref) that ``dpo`` / ``kto`` report too
         (:mod:`tunelab.align.kl`), over ``max_new_tokens`` (the eval section's; else the rollouts') tokens."""
-        rewards, matches, prompts, sampled = [], [], [], []
+        rewards, matches, prompts, sampled, inside = [], [], [], [], []
         k = self.config.eval_samples if self.scorer is None else 0
         for start in range(0, len(records), batch_size):
             chunk = list(records[start : start + batch_size])
             batch = self.collate_fn(chunk)
             prompts += batch["prompts"]
             rollout = self.rollout(model, batch, 1, 0.0)
-            rewards += self.score(rollout, batch["answers"]).tolist()
+            if self.scorer is not None:
+                rewards += self.score(rollout, batch["answers"]).tolist()
+            elif self.config.reward == "token_f1":
+                rewards += token_f1_rewards(rollout.texts, batch["answers"]).tolist()
             matches += exact_match_rewards(rollout.texts, batch["answers"]).tolist()
+            if any(c is not None for c in batch.get("contexts", [])):
+                inside += in_context_rewards(rollout.texts, batch["contexts"]).tolist()
             if k:
                 many = self.rollout(model, batch, k, self.config.temperature or 1.0)
                 answers = [a for a in batch["answers"] for _ in range(k)]
                 sampled += exact_match_rewards(many.texts, answers).view(-1, k).tolist()  # (prompts, k)
-        mean = sum(rewards) / len(rewards)
         if self.scorer is not None:
+            mean = sum(rewards) / len(rewards)
             result = {"reward": mean, "score": mean}
         else:  # a programmatic reward: greedy exact match is the score either way (the frontier's axis)
             exact = sum(matches) / len(matches)
             result = {"exact_match": exact, "score": exact}
             if self.config.reward == "token_f1":
-                result["token_f1"] = mean
+                result["token_f1"] = sum(rewards) / len(rewards)
+            if inside:  # extractive QA: how often the greedy answer is copied from the context at all
+                result["in_context"] = sum(inside) / len(inside)
             if k:
                 result.update(sample_diagnostics(matches, sampled))
         if self.config.eval_kl and self.reference.ready:
@@ -213,7 +240,8 @@ class GRPOObjective(_OnlineObjective):
         config = self.config
         rollout = self.rollout(model, batch, config.num_generations, config.temperature)
         answers = [a for a in batch["answers"] for _ in range(config.num_generations)]
-        rewards = self.score(rollout, answers)  # (N,)
+        contexts = [c for c in batch.get("contexts", [None] * len(batch["answers"])) for _ in range(config.num_generations)]
+        rewards = self.score(rollout, answers, contexts)  # (N,)
         device = next(model.parameters()).device
         advantages = grpo_advantages(rewards, config.num_generations, config.scale_rewards).to(device)
         buffer = {"rollout": rollout, "rewards": rewards, "advantages": advantages, "old": None, "ref": None}
@@ -290,7 +318,7 @@ class PPOObjective(_OnlineObjective):
     def new_rollout(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         config = self.config
         rollout = self.rollout(model, batch, 1, config.temperature)
-        scores = self.score(rollout, batch["answers"])  # (N,)
+        scores = self.score(rollout, batch["answers"], batch.get("contexts"))  # (N,)
         mask = rollout.completion_mask
         with torch.no_grad():
             old, old_values = self.policy(model, rollout)

@@ -17,6 +17,8 @@ global torch generator (seeded by the loop), so runs are reproducible.
 
 Rewards: :func:`exact_match_rewards` is the programmatic ground-truth reward of the built-in world
 (1 when the first line of the completion equals the known answer after SQuAD normalisation, else 0);
+:func:`in_context_rewards` says whether the answer is a span of the record's context (the extractive
+constraint, a reward-shaping term that needs no answer key);
 :class:`tunelab.align.reward.RewardModel` scores with a trained reward model.
 """
 
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from tunelab.eval.generate import _cache_kwarg, _left_pad, encode_prompt
-from tunelab.eval.metrics import exact_match, token_f1
+from tunelab.eval.metrics import exact_match, normalize_answer, token_f1
 from tunelab.eval.tasks import first_line
 
 
@@ -122,3 +124,15 @@ def token_f1_rewards(texts: Sequence[str], answers: Sequence[str | None]) -> tor
     when every completion of a prompt scores the same)."""
     return torch.tensor([token_f1([first_line(t)], [a]) if a is not None else 0.0
                          for t, a in zip(texts, answers, strict=True)])
+
+
+def in_context_rewards(texts: Sequence[str], contexts: Sequence[str | None]) -> torch.Tensor:
+    """(N,) 1.0 where the completion's first line, SQuAD-normalised, is a non-empty run of whole words of
+    the normalised context, else 0 (also when the record has no context). Extractive QA's answer is
+    always such a span, so this rewards copying from the context over inventing a value — a shaping
+    term that does not need the answer key (``context_bonus`` of ``grpo`` / ``ppo``)."""
+    def inside(text: str, context: str | None) -> float:
+        answer = normalize_answer(first_line(text))
+        return float(bool(answer) and context is not None and f" {answer} " in f" {normalize_answer(context)} ")
+
+    return torch.tensor([inside(t, c) for t, c in zip(texts, contexts, strict=True)])
