@@ -211,6 +211,45 @@ def test_mixed_task_batch_equals_each_row_alone_and_runs_each_head_once():
         torch.testing.assert_close(mixed, alone.logits[0], atol=1e-5, rtol=1e-5)
 
 
+def test_the_lm_head_runs_only_on_the_rows_of_lm_tasks():
+    """The vocabulary logits are computed for generation rows alone (several lm tasks, interleaved), and
+    each row's logits and the per-task losses equal the whole-batch computation's."""
+    model = tiny_llama()
+    heads = all_heads(model)
+    heads.add_head("gen2", "lm")
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    batch = padded_batch()
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    tasks = ["gen2", "ner", "gen", "domain", "gen2"]
+    out = heads(model, {**batch, "labels": {"gen": labels[[2]], "gen2": labels[[0, 4]]}}, task=tasks)
+    assert seen == [3]  # rows 0, 4 (gen2) and 2 (gen), not 5
+    with torch.no_grad():
+        full = model(**batch).logits  # (5, T, V)
+    torch.testing.assert_close(out.logits["gen2"], full[[0, 4]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits["gen"], full[[2]], atol=1e-5, rtol=1e-5)
+    shifted = F.cross_entropy(full[[0, 4], :-1].flatten(0, 1), labels[[0, 4], 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.losses["gen2"], shifted, atol=1e-5, rtol=1e-5)
+    seen.clear()
+    heads(model, batch, task="ner")  # no lm row: no vocabulary logits at all
+    assert seen == [0]
+    seen.clear()
+    heads(model, batch, task="gen")
+    assert seen == [5]
+
+
+def test_an_adapter_wrapped_lm_head_still_computes_every_row():
+    from tunelab import tuners
+
+    model = tuners.apply(tiny_llama(), "lora", r=2, target_modules=["lm_head", "q_proj"])
+    heads = all_heads(model)
+    batch = padded_batch()
+    out = heads(model, batch, task=["gen", "ner", "gen", "domain", "qa"])
+    with torch.no_grad():
+        full = model(**batch).logits
+    torch.testing.assert_close(out.logits["gen"], full[[0, 2]], atol=1e-5, rtol=1e-5)
+
+
 def test_mixed_task_loss_takes_labels_per_task_or_per_row():
     model = tiny_llama()
     heads = all_heads(model)

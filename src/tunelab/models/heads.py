@@ -18,7 +18,11 @@ How the code maps to it: :class:`TaskHeads` is an ``nn.Module`` holding a ``Modu
 task name; it never owns the backbone (``forward(model, batch, task=...)`` takes it), so an
 objective hands ``heads`` to the optimizer and checkpoint through its ``modules()``. The backbone
 runs once per batch with ``output_hidden_states=True``; a mixed-task batch (a task name per row) is
-grouped by task, and each head runs once on its rows. :func:`save_heads` / :func:`load_heads` write
+grouped by task, and each head runs once on its rows. The LM logits (B, T, V) are the largest tensor
+of a decoder's step, so the backbone's LM head (its output embeddings, when a plain ``nn.Linear``) runs
+only on the rows of ``lm`` tasks: a forward pre-hook selects those rows of its input, so a batch of a
+classification task computes no vocabulary logits, and a mixed batch computes them for its generation
+rows alone (exact: the LM head is row-wise). :func:`save_heads` / :func:`load_heads` write
 ``heads.safetensors`` + ``heads.json`` next to the adapter files of ``tuners.save``.
 """
 
@@ -29,6 +33,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from tunelab.data.collate import IGNORE_INDEX
 from tunelab.errors import ConfigError, ModelError
-from tunelab.utils import atomic_path, atomic_write_json
+from tunelab.utils import atomic_path, atomic_write_json, unwrap_model
 
 HEAD_KINDS = ("classification", "token_classification", "span_qa", "lm", "scalar")
 POOLINGS = ("last", "first", "mean", "none")  # "none" (a value per token) only for scalar heads
@@ -349,16 +354,23 @@ class TaskHeads(nn.Module):
         """
         names = self._task_names(task, batch)
         inputs = {key: batch[key] for key in BACKBONE_INPUTS if key in batch}
-        outputs = model(**inputs, output_hidden_states=True, return_dict=True)
+        first = next(inputs[key] for key in ("input_ids", "inputs_embeds", "attention_mask") if key in inputs)
+        length = first.shape[1]
+        groups = self._group_rows(names, first.shape[0], first.device)
+        lm_names = [name for name in groups if self.heads[name].spec.kind == "lm"]
+        needed = None if lm_names == list(groups) else (  # lm rows, in group order; None = every row
+            torch.cat([groups[name] for name in lm_names]) if lm_names else first.new_zeros(0, dtype=torch.long))
+        with lm_head_rows(model, needed, first.shape[0]) as lm_state:
+            outputs = model(**inputs, output_hidden_states=True, return_dict=True)
         hidden = outputs.hidden_states[-1] if outputs.hidden_states is not None else outputs.last_hidden_state
-        length = next(inputs[key].shape[1] for key in ("input_ids", "inputs_embeds", "attention_mask") if key in inputs)
         hidden = hidden[:, -length:]  # (B, T, H): prompt tuning prepends virtual tokens
         mask = batch.get("pool_mask", batch.get("attention_mask"))  # the tokens a pooled head reads
         mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device) if mask is None else mask
         lm_logits = getattr(outputs, "logits", None)
         if lm_logits is not None and lm_logits.dim() == 3:
             lm_logits = lm_logits[:, -length:]
-        groups = self._group_rows(names, hidden.shape[0], hidden.device)
+        trimmed = lm_state["trimmed"] and lm_logits is not None and len(lm_logits) == len(needed)
+        offsets = dict(zip(lm_names, accumulate((len(groups[n]) for n in lm_names), initial=0)))  # name -> first row
         logits, losses = {}, {}
         for name, rows in groups.items():
             whole = len(groups) == 1
@@ -367,7 +379,11 @@ class TaskHeads(nn.Module):
                 return value if whole or value is None else value.index_select(0, rows.to(value.device))
 
             head = self.heads[name]
-            logits[name] = head(take(hidden), take(mask), take(lm_logits))
+            if trimmed:  # the LM logits hold the lm tasks' rows only, task after task: this task's is a slice
+                rows_lm = lm_logits[offsets[name] : offsets[name] + len(rows)] if name in offsets else None
+            else:
+                rows_lm = take(lm_logits)
+            logits[name] = head(take(hidden), take(mask), rows_lm)
             labels = self._labels(batch, name, head.spec.kind, rows, whole)
             if labels is not None:
                 losses[name] = head.loss(logits[name], labels.to(logits[name].device), take(mask))
@@ -408,6 +424,38 @@ class TaskHeads(nn.Module):
         if isinstance(labels, (list, tuple)):
             return torch.stack([torch.as_tensor(labels[row]) for row in rows.tolist()])
         return labels if whole else labels.index_select(0, rows.to(labels.device))
+
+
+@contextmanager
+def lm_head_rows(model: nn.Module, rows: torch.Tensor | None, batch_size: int) -> Iterator[dict[str, bool]]:
+    """Within the block the model's LM head computes logits for ``rows`` of the batch only (None: all).
+
+    A forward pre-hook on the output embeddings selects the rows of its (B, T, H) input, so the model
+    returns logits (len(rows), T, V) in ``rows``' order — exact, as the LM head maps each row alone, and
+    any logit post-processing of the model (soft-capping, scaling) is elementwise. Yields a dict whose
+    ``trimmed`` says, after the forward, whether the hook selected rows: only for a plain ``nn.Linear``
+    output layer called on a (B, T, H) input (an adapter-wrapped LM head, which per-row routing must see
+    whole, or an exotic head keeps computing every row); the caller also checks the logits' rows.
+    """
+    state = {"trimmed": False}
+    get = getattr(unwrap_model(model), "get_output_embeddings", None)
+    module = get() if rows is not None and callable(get) else None
+    if type(module) is not nn.Linear:
+        yield state
+        return
+
+    def select(_: nn.Module, args: tuple) -> tuple | None:
+        hidden = args[0] if args else None
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != batch_size:
+            return None  # not (B, T, H): this call stays whole
+        state["trimmed"] = True
+        return (hidden.index_select(0, rows.to(hidden.device)), *args[1:])
+
+    handle = module.register_forward_pre_hook(select)
+    try:
+        yield state
+    finally:
+        handle.remove()
 
 
 def save_heads(heads: TaskHeads, directory: str | os.PathLike) -> Path:
